@@ -1,0 +1,1 @@
+"""Format adapters: Hugging Face safetensors/.bin, GGUF, and back to Hugging Face."""

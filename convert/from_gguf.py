@@ -1,0 +1,151 @@
+"""Convert a llama-architecture GGUF file to our checkpoint (weights dequantized, tokenizer carried over).
+
+    python -m convert.from_gguf FILE.gguf OUT_DIR
+
+Every tensor type the `gguf` package can dequantize is accepted (F32/F16/BF16, Q4_0/Q4_1/Q8_0,
+K-quants, ...). llama.cpp stores q_proj/k_proj rows permuted per head (interleaved rope halves);
+this is undone so the weights match the Hugging Face layout.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from qeft_jax.cli import run_cli
+from qeft_jax.config import LlamaConfig
+from qeft_jax.io import CheckpointError, atomic_dir, write_checkpoint
+from qeft_jax.params import check_tensors
+
+_LAYER_MAP = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+              "ffn_norm": "post_attention_layernorm"}
+_TOP_MAP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def gguf_config(reader: Any) -> LlamaConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"GGUF architecture is {arch!r}; only 'llama' is supported")
+    a = "llama."
+    heads = int(_field(reader, a + "attention.head_count"))
+    hidden = int(_field(reader, a + "embedding_length"))
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, a + "vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
+    head_dim = _field(reader, a + "attention.key_length") or hidden // heads
+    rope: dict[str, Any] = {}
+    scaling_type = _field(reader, a + "rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        if scaling_type != "linear":
+            raise CheckpointError(f"GGUF rope scaling type {scaling_type!r} is not supported")
+        rope = {"rope_type": "linear", "factor": float(_field(reader, a + "rope.scaling.factor"))}
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return LlamaConfig.from_hf_dict({
+        "model_type": "llama", "vocab_size": int(vocab), "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, a + "feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, a + "block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", heads)),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(_field(reader, a + "rope.freq_base", 10000.0)),
+        "rope_scaling": rope or None,
+        "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": None if eos is None else int(eos),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+    })
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert permutation: rows (head, half, pair) -> (head, pair, half)."""
+    out, inp = w.shape
+    d = out // n_head
+    return w.reshape(n_head, d // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _TOP_MAP:
+        return _TOP_MAP[gguf_name]
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_MAP:
+        return f"model.layers.{parts[1]}.{_LAYER_MAP[parts[2]]}.{parts[3]}"
+    return None
+
+
+def read_gguf_tensors(reader: Any, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    from gguf.quants import dequantize
+
+    tensors: dict[str, np.ndarray] = {}
+    for t in tqdm(reader.tensors, desc="dequantizing GGUF tensors", unit="tensor"):
+        name = hf_name(t.name)
+        if name is None:
+            if t.name == "rope_freqs.weight":
+                continue  # llama3 rope factors: recomputed from the config
+            raise CheckpointError(f"unexpected GGUF tensor '{t.name}' for a llama model")
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"GGUF tensor '{t.name}' has type {t.tensor_type.name}, which the "
+                                  f"gguf package cannot dequantize") from None
+        arr = np.asarray(arr, np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
+        if name.endswith("q_proj.weight"):
+            arr = unpermute_qk(arr, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            arr = unpermute_qk(arr, cfg.num_key_value_heads)
+        tensors[name] = arr
+    return tensors
+
+
+def export_tokenizer(gguf_path: Path, out: Path) -> None:
+    """Carry the GGUF's tokenizer over as Hugging Face tokenizer files (transformers' converter)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok.save_pretrained(str(out))
+
+
+def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    import gguf
+
+    src = Path(src)
+    if not src.is_file():
+        raise CheckpointError(f"{src} is not a file (expected a .gguf file)")
+    try:
+        reader = gguf.GGUFReader(str(src))
+    except Exception as e:  # the gguf package raises ValueError/AssertionError/OSError on bad files
+        raise CheckpointError(f"{src} is not a readable GGUF file: {e}") from None
+    cfg = gguf_config(reader)
+    tensors = read_gguf_tensors(reader, cfg)
+    check_tensors(cfg, tensors, source=str(src))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_checkpoint(tmp, cfg.to_hf_dict(), tensors)
+        if _field(reader, "tokenizer.ggml.model") is not None:
+            export_tokenizer(src, tmp)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m convert.from_gguf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("gguf_file", help="a llama-architecture .gguf file")
+    p.add_argument("out_dir", help="where to write the qeft-jax checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    a = p.parse_args(argv)
+    print(f"wrote {convert(a.gguf_file, a.out_dir, overwrite=a.overwrite)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
