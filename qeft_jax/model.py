@@ -118,9 +118,10 @@ class Attention(nnx.Module):
         self.v_proj = Linear(cfg.hidden_size, kv * d, **kw)
         self.o_proj = Linear(h * d, cfg.hidden_size, **kw)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, kv_valid: jax.Array,
-                 inv_freq: jax.Array, cache: LayerCache | None, cache_index: jax.Array
-                 ) -> tuple[jax.Array, LayerCache | None]:
+    def attend(self, x: jax.Array, positions: jax.Array, kv_valid: jax.Array,
+               inv_freq: jax.Array, cache: LayerCache | None, cache_index: jax.Array
+               ) -> tuple[jax.Array, LayerCache | None]:
+        """Multi-head attention up to (not including) o_proj: [B, T, heads * head_dim]."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -140,7 +141,7 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
-        return self.o_proj(out.reshape(b, t, -1)), cache
+        return out.reshape(b, t, -1), cache
 
 
 class MLP(nnx.Module):
@@ -166,10 +167,19 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x, positions, kv_valid, inv_freq, cache, cache_index):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, kv_valid, inv_freq, cache, cache_index)
-        x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x, cache, _ = self.forward_with_inputs(x, positions, kv_valid, inv_freq, cache, cache_index)
         return x, cache
+
+    def forward_with_inputs(self, x, positions, kv_valid, inv_freq, cache, cache_index):
+        """The block, also returning what each linear group reads (the calibration needs it):
+        'attn' (q/k/v), 'o' (o_proj), 'ffn' (gate/up), 'down' (down_proj)."""
+        a_in = self.input_layernorm(x)
+        o_in, cache = self.self_attn.attend(a_in, positions, kv_valid, inv_freq, cache, cache_index)
+        x = x + self.self_attn.o_proj(o_in)
+        f_in = self.post_attention_layernorm(x)
+        d_in = self.mlp.act(f_in)
+        x = x + self.mlp.down_proj(d_in)
+        return x, cache, {"attn": a_in, "o": o_in, "ffn": f_in, "down": d_in}
 
 
 class LlamaModel(nnx.Module):

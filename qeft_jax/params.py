@@ -41,7 +41,11 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def check_tensors(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], *, source: str) -> None:
     """Every expected tensor present with the right shape, floating point and finite."""
-    want = expected_shapes(cfg)
+    check_tensors_against(expected_shapes(cfg), tensors, source=source)
+
+
+def check_tensors_against(want: Mapping[str, tuple[int, ...]], tensors: Mapping[str, np.ndarray], *,
+                          source: str) -> None:
     missing = [k for k in want if k not in tensors]
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} tensor(s) the config needs are missing, e.g. "

@@ -1,0 +1,76 @@
+"""The QEFT linear: packed low-bit weights + k fp weak columns (the only trainable part).
+
+Variables:
+  QuantState  qweight, scales, zeros, weak_idx, bias — frozen, never get gradients or optimizer state
+  WeakColumns weak [out, k]                          — an nnx.Param subclass: the fine-tuning target
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qeft_jax.quant.pack import QuantSpec, qeft_matmul_ref
+
+
+class QuantState(nnx.Variable):
+    """Frozen packed tensors of a quantized linear."""
+
+
+class WeakColumns(nnx.Param):
+    """The 16-bit weak columns: what QEFT fine-tunes (paper section 4)."""
+
+
+def default_backend() -> str:
+    """'pallas' on GPU, 'xla' (the reference: dequantize + dot) elsewhere; QEFT_JAX_BACKEND overrides."""
+    forced = os.environ.get("QEFT_JAX_BACKEND")
+    if forced:
+        if forced not in ("xla", "pallas"):
+            raise ValueError(f"QEFT_JAX_BACKEND must be 'xla' or 'pallas', got {forced!r}")
+        return forced
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+class QEFTLinear(nnx.Module):
+    def __init__(self, spec: QuantSpec, *, bias: bool, dtype: Any = jnp.float32,
+                 storage_dtype: Any = jnp.float16, backend: str | None = None):
+        self.spec = spec
+        self.dtype = dtype
+        self.backend = backend
+        shapes = spec.shapes()
+        self.qweight = QuantState(jnp.zeros(shapes["qweight"], jnp.uint32))
+        self.scales = QuantState(jnp.ones(shapes["scales"], storage_dtype))
+        self.zeros = QuantState(jnp.zeros(shapes["zeros"], storage_dtype))
+        self.weak_idx = QuantState(jnp.arange(spec.k, dtype=jnp.int32))
+        self.weak = WeakColumns(jnp.zeros(shapes["weak"], storage_dtype))
+        self.bias = QuantState(jnp.zeros((spec.out_features,), storage_dtype)) if bias else None
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        from qeft_jax.qeft_op import qeft_linear
+
+        y = qeft_linear(x.astype(self.dtype), self.qweight[...], self.scales[...], self.zeros[...],
+                        self.weak[...], self.weak_idx[...], bits=self.spec.bits,
+                        group_size=self.spec.group_size, backend=self.backend or default_backend())
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+def reference_apply(x: jax.Array, layer: QEFTLinear) -> jax.Array:
+    """The plain spec for a QEFTLinear (dequantize + dot, weak columns added)."""
+    y = qeft_matmul_ref(x, layer.qweight[...], layer.scales[...], layer.zeros[...], layer.weak[...],
+                        layer.weak_idx[...], bits=layer.spec.bits, group_size=layer.spec.group_size)
+    if layer.bias is not None:
+        y = y + layer.bias[...].astype(y.dtype)
+    return y

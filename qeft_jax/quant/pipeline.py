@@ -1,0 +1,178 @@
+"""The one quantization pipeline (every recipe): select -> reorder -> grid search + OPTQ -> pack.
+
+Weights are read block by block from the memory-mapped safetensors, so only one block is resident.
+Pass 1 (global weak columns only) runs the fp model to get each block's Hessian diagonal and picks
+the global index (Algorithm 1). Pass 2 is layer-sequential as in OPTQ: block l is calibrated on the
+outputs of the already-quantized blocks before it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from qeft_jax.config import LlamaConfig
+from qeft_jax.io import SafetensorsReader, atomic_dir, tokenizer_files
+from qeft_jax.params import LINEAR_NAMES, check_tensors_against, expected_shapes
+from qeft_jax.qlinear import QEFTLinear
+from qeft_jax.quant.calibrate import GROUP_OF, CalibrationError, build_layer, run_block
+from qeft_jax.quant.checkpoint import STORAGE_DTYPES, linear_spec, write_quantized
+from qeft_jax.quant.groupwise import rtn, search_group_params
+from qeft_jax.quant.optq import optq
+from qeft_jax.quant.pack import pack_codes
+from qeft_jax.quant.recipes import QuantRecipe
+from qeft_jax.quant.reorder import layer_tensors, permute_layer, weak_first_permutation
+from qeft_jax.quant.select import global_weak_index, owq_sensitivity, top_k
+
+
+def check_calibration(ids: np.ndarray, cfg: LlamaConfig) -> None:
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise CalibrationError(f"calibration data must be [samples >= 1, seq_len >= 2] token ids, got "
+                               f"shape {ids.shape}")
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise CalibrationError(f"calibration seq_len {ids.shape[1]} exceeds the model's "
+                               f"max_position_embeddings {cfg.max_position_embeddings}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise CalibrationError(f"calibration token ids must lie in [0, {cfg.vocab_size})")
+
+
+def quantize_linear(w: np.ndarray, h: np.ndarray, weak_idx: np.ndarray, recipe: QuantRecipe
+                    ) -> dict[str, np.ndarray]:
+    """Grid search + (OPTQ or RTN) of one linear -> its packed tensors."""
+    out, n = w.shape
+    g = recipe.group_size or n
+    sdt = STORAGE_DTYPES[recipe.storage_dtype]
+    weak_mask = np.zeros(n, bool)
+    weak_mask[weak_idx] = True
+    w_dense = np.where(weak_mask[None, :], 0.0, w).astype(np.float32)  # weak positions -> exact 0
+    scales, zeros = search_group_params(jnp.asarray(w_dense), bits=recipe.bits, group_size=g,
+                                        grid=recipe.grid, max_shrink=recipe.max_shrink,
+                                        storage_dtype=jnp.dtype(recipe.storage_dtype))
+    if recipe.optq:
+        codes, w_final = optq(jnp.asarray(w, jnp.float32), jnp.asarray(h), scales, zeros,
+                              jnp.asarray(weak_mask), bits=recipe.bits, group_size=g,
+                              act_order=recipe.act_order, percdamp=recipe.percdamp)
+        weak = np.asarray(w_final)[:, weak_idx]
+    else:
+        codes = rtn(jnp.asarray(w_dense), scales, zeros, bits=recipe.bits, group_size=g)
+        weak = w[:, weak_idx]
+    return {"qweight": np.asarray(pack_codes(codes, recipe.bits)),
+            "scales": np.asarray(scales).astype(sdt), "zeros": np.asarray(zeros).astype(sdt),
+            "weak": np.asarray(weak, np.float32).astype(sdt), "weak_idx": np.asarray(weak_idx, np.int32)}
+
+
+def _weak_indices(recipe: QuantRecipe, t: dict[str, np.ndarray], hs: dict[str, np.ndarray]
+                  ) -> dict[str, np.ndarray]:
+    """Weak input columns per linear of one (already reordered) block."""
+    k = recipe.k
+    if recipe.weak == "none":
+        return {name: np.zeros(0, np.int32) for name in LINEAR_NAMES}
+    if recipe.weak == "per_layer":  # OWQ: Eq. (3) per linear
+        return {name: top_k(np.asarray(owq_sensitivity(jnp.asarray(t[name + ".weight"]),
+                                                       jnp.asarray(np.diag(hs[GROUP_OF[name]])), recipe.bits)), k)
+                for name in LINEAR_NAMES}
+    # QEFT: hidden-dim readers use the global index (now the first k channels), down_proj its own
+    # (also first k after the FFN permutation), o_proj its own gathered by index.
+    first = np.arange(k, dtype=np.int32)
+    out = {name: first for name in LINEAR_NAMES}
+    out["self_attn.o_proj"] = top_k(np.diag(hs["o"]), k)
+    return out
+
+
+def select_global_index(reader: SafetensorsReader, cfg: LlamaConfig, x: np.ndarray, k: int, *,
+                        batch_size: int, progress: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Pass 1 (fp model): per-layer λ = diag(H) of q/k/v/gate/up inputs, then Algorithm 1."""
+    sens: list[np.ndarray] = []
+    for i in tqdm(range(cfg.num_hidden_layers), desc="selecting weak channels", disable=not progress):
+        layer = build_layer(cfg, _read_layer(reader, cfg, i))
+        x, stats = run_block(layer, x, cfg, batch_size=batch_size, stats="diag")
+        sens += [stats["attn"]] * 3 + [stats["ffn"]] * 2  # q, k, v, gate, up
+    return global_weak_index(sens, k), sens
+
+
+def _read_layer(reader: SafetensorsReader, cfg: LlamaConfig, i: int) -> dict[str, np.ndarray]:
+    prefix = f"model.layers.{i}."
+    t = {k: np.asarray(reader.get(k), np.float32) for k in reader.keys() if k.startswith(prefix)}
+    _check_subset(cfg, t, lambda k: k.startswith(prefix))
+    return {k[len(prefix):]: v for k, v in t.items()}
+
+
+def _check_subset(cfg: LlamaConfig, tensors: dict[str, np.ndarray], select: Callable[[str], bool]) -> None:
+    """check_tensors restricted to the names `select` keeps (the model is read one block at a time)."""
+    want = {k: v for k, v in expected_shapes(cfg).items() if select(k)}
+    check_tensors_against(want, tensors, source="source checkpoint")
+
+
+def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np.ndarray, *,
+                        batch_size: int = 8, progress: bool = True, overwrite: bool = False,
+                        meta: dict[str, Any] | None = None,
+                        on_block: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Quantize the fp checkpoint at `src` into a packed checkpoint at `out`. Returns a summary."""
+    t0 = time.time()
+    cfg = LlamaConfig.from_json_file(src / "config.json")
+    check_calibration(calib_ids, cfg)
+    for name in LINEAR_NAMES:
+        linear_spec(cfg, recipe, name)  # raises if k exceeds an input dim
+    reader = SafetensorsReader([src / "model.safetensors"])
+    top = {k: np.asarray(reader.get(k), np.float32) for k in reader.keys() if not k.startswith("model.layers.")}
+    _check_subset(cfg, top, lambda k: not k.startswith("model.layers."))
+    embed = top["model.embed_tokens.weight"]
+    x0 = embed[calib_ids]
+    if not np.all(np.isfinite(x0)):
+        raise CalibrationError("embeddings of the calibration tokens contain NaN/Inf")
+
+    d = cfg.hidden_size
+    if recipe.weak == "global" and recipe.k:
+        global_idx, sens = select_global_index(reader, cfg, x0, recipe.k, batch_size=batch_size, progress=progress)
+    else:
+        global_idx, sens = np.zeros(0, np.int32), []
+    perm = weak_first_permutation(global_idx, d) if recipe.weak == "global" else np.arange(d, dtype=np.int32)
+
+    tensors: dict[str, np.ndarray] = {"qeft.hidden_perm": perm}
+    tensors["model.embed_tokens.weight"] = embed[:, perm]
+    tensors["model.norm.weight"] = top["model.norm.weight"][perm]
+    if not cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = top["lm_head.weight"][:, perm]
+    x = x0[..., perm]
+    sdt = STORAGE_DTYPES[recipe.storage_dtype]
+    block_times = []
+    bar = tqdm(range(cfg.num_hidden_layers), desc=f"quantizing ({recipe.method}, {recipe.bits}-bit)",
+               disable=not progress)
+    for i in bar:
+        tb = time.time()
+        t = permute_layer(_read_layer(reader, cfg, i), perm)
+        _, hs = run_block(build_layer(cfg, t), x, cfg, batch_size=batch_size, stats="full")
+        ffn_perm = np.arange(cfg.intermediate_size, dtype=np.int32)
+        if recipe.weak == "global" and recipe.k:
+            ffn_perm = weak_first_permutation(top_k(np.diag(hs["down"]), recipe.k), cfg.intermediate_size)
+            t = permute_layer(t, np.arange(d), ffn_perm)
+            hs["down"] = hs["down"][ffn_perm][:, ffn_perm]
+        weak = _weak_indices(recipe, t, hs)
+        replace, packed_layer = {}, {}
+        for name in LINEAR_NAMES:
+            packed = quantize_linear(t[name + ".weight"], hs[GROUP_OF[name]], weak[name], recipe)
+            if name + ".bias" in t:
+                packed["bias"] = t[name + ".bias"].astype(sdt)
+            spec = linear_spec(cfg, recipe, name)
+            replace[name] = QEFTLinear(spec, bias="bias" in packed, storage_dtype=jnp.dtype(recipe.storage_dtype))
+            packed_layer.update({f"{name}.{f}": v for f, v in packed.items()})
+        layer_t = {"input_layernorm.weight": t["input_layernorm.weight"],
+                   "post_attention_layernorm.weight": t["post_attention_layernorm.weight"], **packed_layer}
+        x, _ = run_block(build_layer(cfg, layer_t, replace), x, cfg, batch_size=batch_size)
+        tensors.update({f"model.layers.{i}.{k}": v for k, v in layer_t.items()})
+        tensors[f"qeft.layers.{i}.ffn_perm"] = ffn_perm
+        block_times.append(time.time() - tb)
+        if on_block:
+            on_block(i, block_times[-1])
+
+    summary = {"recipe": recipe.to_dict(), "calibration": {"samples": int(calib_ids.shape[0]),
+               "seq_len": int(calib_ids.shape[1])}, "global_weak_index": [int(v) for v in global_idx],
+               "source": str(src), "seconds": round(time.time() - t0, 2), **(meta or {})}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_quantized(tmp, cfg, tensors, summary, tokenizer_files(src))
+    summary["sensitivity"] = sens
+    return summary

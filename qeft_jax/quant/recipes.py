@@ -1,0 +1,59 @@
+"""Quantization methods as data: one pipeline runs every recipe (a method is a recipe, not a fork)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from qeft_jax.quant.pack import SUPPORTED_BITS
+
+WEAK_MODES = ("none", "global", "per_layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRecipe:
+    method: str
+    bits: int = 4
+    group_size: int | None = 128     # None: per-channel (one group spanning the input dim)
+    k: int = 16                      # weak columns per linear (0 for rtn/gptq)
+    weak: str = "global"             # none | global (QEFT, Algorithm 1 + OGR) | per_layer (OWQ, Eq. 3)
+    optq: bool = True                # OPTQ reconstruction after the grid search; False = RTN
+    act_order: bool = False
+    percdamp: float = 0.01
+    grid: int = 100                  # clipping grid points (p = 1 - i/grid)
+    max_shrink: float = 0.8
+    storage_dtype: str = "float16"   # scales, zeros, weak columns
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size is not None and (self.group_size <= 0 or self.group_size % 8):
+            raise ValueError(f"group size must be a positive multiple of 8 (or per-channel), got "
+                             f"{self.group_size}")
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
+        if self.weak not in WEAK_MODES:
+            raise ValueError(f"weak must be one of {WEAK_MODES}, got {self.weak!r}")
+        if self.weak == "none" and self.k:
+            raise ValueError(f"method {self.method!r} keeps no weak columns; got k={self.k}")
+        if self.storage_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"storage_dtype must be float16 or bfloat16, got {self.storage_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def make_recipe(method: str, *, bits: int = 4, group_size: int | None = 128, k: int = 16,
+                **overrides: Any) -> QuantRecipe:
+    """The four methods of the paper's tables: RTN, GPTQ (OPTQ g128), OWQ (per-channel, per-layer
+    weak columns), QEFT (group-wise, global weak columns + OGR)."""
+    if method == "rtn":
+        base = dict(weak="none", k=0, optq=False, group_size=group_size)
+    elif method == "gptq":
+        base = dict(weak="none", k=0, optq=True, group_size=group_size)
+    elif method == "owq":
+        base = dict(weak="per_layer", k=k, optq=True, group_size=None)
+    elif method == "qeft":
+        base = dict(weak="global", k=k, optq=True, group_size=group_size)
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of rtn, gptq, owq, qeft")
+    return QuantRecipe(method=method, bits=bits, **{**base, **overrides})
