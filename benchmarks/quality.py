@@ -1,0 +1,99 @@
+"""Quantization quality on the default model: perplexity, bytes and time per method, side by side.
+
+    python benchmarks/quality.py [--quick] [--model default|DIR]
+
+"fp" is the default model as shipped: its weights were stored as GGUF Q4_1 (32-blocks) and are
+dequantized to float32 here, so every method re-quantizes an already 4-bit-derived model.
+The final line is JSON: {"fp": ppl, "rtn_4": ppl, "gptq_4": ..., "owq_4": ..., "qeft_4": ..., ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qeft_jax import data, load_model  # noqa: E402
+from qeft_jax.eval.perplexity import perplexity  # noqa: E402
+from qeft_jax.load import resolve  # noqa: E402
+from qeft_jax.quant.pipeline import quantize_checkpoint  # noqa: E402
+from qeft_jax.quant.recipes import make_recipe  # noqa: E402
+
+
+def linear_bytes(path: Path) -> int:
+    """Bytes of the block linears as stored (packed codes + 16-bit params + weak columns)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
+        for k in f.keys():
+            if k.startswith("model.layers.") and not k.endswith("layernorm.weight"):
+                total += f.get_tensor(k).nbytes
+    return total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="4-bit rows only, small calibration/eval sets")
+    p.add_argument("--model", default="default")
+    p.add_argument("--calib-samples", type=int, default=None)
+    p.add_argument("--calib-len", type=int, default=None)
+    p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=512, help="perplexity window")
+    p.add_argument("--group-size", type=int, default=128)
+    a = p.parse_args()
+    calib_n = a.calib_samples or (16 if a.quick else 128)
+    calib_len = a.calib_len or 512
+    eval_n = a.eval_samples or (24 if a.quick else 120)
+
+    src = resolve(a.model)
+    model, tok, cfg = load_model(src)
+    eval_ids = data.token_sequences(tok, data.corpus_texts("eval"), a.seq_len, eval_n, seed=0)
+    calib_ids = data.token_sequences(tok, data.corpus_texts("calib"), calib_len, calib_n, seed=0)
+    print(f"model {src} | calibration {calib_n} x {calib_len} tokens | eval {len(eval_ids)} x {a.seq_len}")
+    fp_ppl, _ = perplexity(model, eval_ids, progress=False)
+    fp16_bytes = 2 * sum(int(np.prod(shape)) for shape in _fp_linear_shapes(src).values())
+    rows = [("fp", 16, "-", fp_ppl, fp16_bytes, 0.0)]  # the linears as fp16
+    results = {"fp": fp_ppl}
+    configs = [(m, 4, 16) for m in ("rtn", "gptq", "owq", "qeft")] + [("qeft", 4, 32)]
+    if not a.quick:
+        configs += [(m, 3, 16) for m in ("rtn", "gptq", "owq", "qeft")] + [("qeft", 3, 32)]
+    del model
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, bits, k in configs:
+            kk = k if method in ("qeft", "owq") else 0
+            recipe = make_recipe(method, bits=bits, group_size=a.group_size, k=kk)
+            out = Path(tmp) / f"{method}_{bits}_{k}"
+            t0 = time.time()
+            quantize_checkpoint(src, out, recipe, calib_ids, progress=False)
+            secs = time.time() - t0
+            qmodel, _, _ = load_model(out)
+            ppl, _ = perplexity(qmodel, eval_ids, progress=False)
+            name = f"{method}_{bits}" + (f"_k{k}" if method == "qeft" and k != 16 else "")
+            results[name] = ppl
+            rows.append((name, bits, kk, ppl, linear_bytes(out), secs))
+            print(f"  {name:12s} ppl {ppl:9.3f}  ({secs:.0f} s)", flush=True)
+    print(f"\n{'method':12s} {'bits':>4s} {'k':>3s} {'ppl':>9s} {'vs fp':>7s} {'linear MB':>9s} {'time s':>7s}")
+    for name, bits, k, ppl, nbytes, secs in rows:
+        print(f"{name:12s} {bits:4d} {str(k):>3s} {ppl:9.3f} {100 * (ppl / fp_ppl - 1):+6.2f}% "
+              f"{nbytes / 2**20:9.2f} {secs:7.1f}")
+    print(json.dumps(results))
+
+
+def _fp_linear_shapes(src: Path) -> dict[str, tuple[int, ...]]:
+    from qeft_jax.config import LlamaConfig
+    from qeft_jax.params import expected_shapes
+
+    cfg = LlamaConfig.from_json_file(src / "config.json")
+    return {k: v for k, v in expected_shapes(cfg).items()
+            if k.startswith("model.layers.") and k.endswith("proj.weight")}
+
+
+if __name__ == "__main__":
+    main()
