@@ -54,7 +54,7 @@ def main() -> None:
 
     src = resolve(a.model)
     model, tok, cfg = load_model(src)
-    eval_ids = data.token_sequences(tok, data.corpus_texts("eval"), a.seq_len, eval_n, seed=0)
+    eval_ids = data.token_sequences(tok, data.corpus_texts("eval"), a.seq_len, eval_n, seed=None)
     calib_ids = data.token_sequences(tok, data.corpus_texts("calib"), calib_len, calib_n, seed=0)
     print(f"model {src} | calibration {calib_n} x {calib_len} tokens | eval {len(eval_ids)} x {a.seq_len}")
     fp_ppl, _ = perplexity(model, eval_ids, progress=False)

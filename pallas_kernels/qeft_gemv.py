@@ -45,13 +45,16 @@ Triton minimum); ``use_dot=False`` is a broadcast-multiply + row reduction, the 
 for M = 1 (no padding of M to 16). Both accumulate in f32.
 
 Prefill (M > 8): ``qeft_matmul`` dispatches to ``prefill`` = "xla" (dequantize to the activation
-dtype once + XLA dot) by default, or "pallas" (this same kernel with block_m = 64). See
-``block_table.py`` for how the choice and block sizes are stored per GPU.
+dtype once + XLA/cuBLAS dot) or "pallas" (this same kernel tiled over M, block_m = 64, which
+re-dequantizes each weight tile once per M block). For large M the dot is compute-bound and the
+one-off dequantization (out·n elements, ~1/M of the matmul's work) is cheap, so "xla" is the
+default; ``benchmarks/kernel.py --autotune`` times both per shape on the GPU and records the
+faster one in the block table (key "prefill"), which ``qeft_matmul`` follows. See
+``block_table.py`` for how block sizes are stored per GPU.
 """
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -165,6 +168,9 @@ def default_blocks(m: int, n: int, out: int, bits: int) -> dict[str, Any]:
                 use_dot=True)
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "bits", "group_size", "block_n", "block_w", "block_m", "split_k", "use_dot", "num_warps",
+    "num_stages", "interpret"))
 def _fused_call(x2, qweight, scales, zeros, weak, weak_idx, *, bits: int, group_size: int,
                 block_n: int, block_w: int, block_m: int | None, split_k: int, use_dot: bool,
                 num_warps: int, num_stages: int, interpret: bool):
@@ -282,7 +288,9 @@ def qeft_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.
         block_n=pick(block_n, "block_n"), block_w=pick(block_w, "block_w"),
         block_m=block_m_prefill if m > GEMV_MAX_M else None,
         split_k=pick(split_k, "split_k") if m <= GEMV_MAX_M else 1,
-        use_dot=pick(use_dot, "use_dot") if m <= GEMV_MAX_M else True,
+        # the table is tuned at M = 1; its reduce-mode choice is not carried over to M > 1
+        use_dot=(True if m > GEMV_MAX_M else use_dot if use_dot is not None
+                 else cfg["use_dot"] if m == 1 else True),
         num_warps=pick(num_warps, "num_warps"), num_stages=pick(num_stages, "num_stages"),
         interpret=interpret)
     return y.reshape(*lead, out)

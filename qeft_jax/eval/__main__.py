@@ -19,7 +19,7 @@ def cmd_perplexity(a: argparse.Namespace) -> None:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
     texts = data.load_user_texts(a.data) if a.data else data.corpus_texts("eval")
-    ids = data.token_sequences(tok, texts, a.seq_len, a.max_samples, seed=0)
+    ids = data.token_sequences(tok, texts, a.seq_len, a.max_samples, seed=None)
     t0 = time.time()
     ppl, tokens = perplexity(model, ids, batch_size=a.batch_size)
     source = a.data or "BoolQ Wikipedia passages (eval split)"

@@ -79,7 +79,7 @@ def optq(w: jax.Array, h: jax.Array, scales: jax.Array, zeros: jax.Array, weak_m
             q = s1[:, j] * (quantize(col, s1[:, j], z1[:, j], maxq) - z1[:, j])
             q = jnp.where(m1[j], q, col)
             e = (col - q) / u1[j, j]
-            w1 = w1 - e[:, None] * u1[j][None, :]  # U upper: only columns >= j change; column j -> q
+            w1 = (w1 - e[:, None] * u1[j][None, :]).at[:, j].set(q)  # U upper: cols >= j change; j := q
             return w1, err1.at[:, j].set(e)
 
         w1, err1 = jax.lax.fori_loop(0, block, col_step, (w1, jnp.zeros((out, block), jnp.float32)))

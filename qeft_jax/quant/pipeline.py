@@ -7,12 +7,17 @@ outputs of the already-quantized blocks before it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from qeft_jax.config import LlamaConfig
@@ -62,7 +67,7 @@ def quantize_linear(w: np.ndarray, h: np.ndarray, weak_idx: np.ndarray, recipe: 
         weak = w[:, weak_idx]
     return {"qweight": np.asarray(pack_codes(codes, recipe.bits)),
             "scales": np.asarray(scales).astype(sdt), "zeros": np.asarray(zeros).astype(sdt),
-            "weak": np.asarray(weak, np.float32).astype(sdt), "weak_idx": np.asarray(weak_idx, np.int32)}
+            "weak": np.ascontiguousarray(np.asarray(weak, np.float32).astype(sdt)), "weak_idx": np.asarray(weak_idx, np.int32)}
 
 
 def _weak_indices(recipe: QuantRecipe, t: dict[str, np.ndarray], hs: dict[str, np.ndarray]
@@ -113,6 +118,9 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
                         on_block: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Quantize the fp checkpoint at `src` into a packed checkpoint at `out`. Returns a summary."""
     t0 = time.time()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"output directory {out} exists and is not empty (pass --overwrite)")
     cfg = LlamaConfig.from_json_file(src / "config.json")
     check_calibration(calib_ids, cfg)
     for name in LINEAR_NAMES:
@@ -126,10 +134,15 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
         raise CalibrationError("embeddings of the calibration tokens contain NaN/Inf")
 
     d = cfg.hidden_size
-    if recipe.weak == "global" and recipe.k:
+    work = ResumeState(out, _run_key(src, recipe, calib_ids, batch_size))
+    sens: list[np.ndarray] = []
+    if work.global_idx is not None:
+        global_idx = work.global_idx
+    elif recipe.weak == "global" and recipe.k:
         global_idx, sens = select_global_index(reader, cfg, x0, recipe.k, batch_size=batch_size, progress=progress)
     else:
-        global_idx, sens = np.zeros(0, np.int32), []
+        global_idx = np.zeros(0, np.int32)
+    work.save_global_idx(global_idx)
     perm = weak_first_permutation(global_idx, d) if recipe.weak == "global" else np.arange(d, dtype=np.int32)
 
     tensors: dict[str, np.ndarray] = {"qeft.hidden_perm": perm}
@@ -140,8 +153,14 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
     x = x0[..., perm]
     sdt = STORAGE_DTYPES[recipe.storage_dtype]
     block_times = []
-    bar = tqdm(range(cfg.num_hidden_layers), desc=f"quantizing ({recipe.method}, {recipe.bits}-bit)",
-               disable=not progress)
+    start = 0
+    if work.done >= 0:  # resume after the last finished block
+        for i in range(work.done + 1):
+            tensors.update({f"model.layers.{i}.{k}" if k != "ffn_perm" else f"qeft.layers.{i}.ffn_perm": v
+                            for k, v in work.load_block(i).items()})
+        x, start = work.load_activations(), work.done + 1
+    bar = tqdm(range(start, cfg.num_hidden_layers), desc=f"quantizing ({recipe.method}, {recipe.bits}-bit)",
+               disable=not progress, initial=start, total=cfg.num_hidden_layers)
     for i in bar:
         tb = time.time()
         t = permute_layer(_read_layer(reader, cfg, i), perm)
@@ -165,6 +184,7 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
         x, _ = run_block(build_layer(cfg, layer_t, replace), x, cfg, batch_size=batch_size)
         tensors.update({f"model.layers.{i}.{k}": v for k, v in layer_t.items()})
         tensors[f"qeft.layers.{i}.ffn_perm"] = ffn_perm
+        work.finish_block(i, {**layer_t, "ffn_perm": ffn_perm}, x)
         block_times.append(time.time() - tb)
         if on_block:
             on_block(i, block_times[-1])
@@ -174,5 +194,75 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
                "source": str(src), "seconds": round(time.time() - t0, 2), **(meta or {})}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_quantized(tmp, cfg, tensors, summary, tokenizer_files(src))
+    work.clear()
     summary["sensitivity"] = sens
     return summary
+
+
+def _save_npy(path: Path, x: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temp name
+        np.save(f, x)
+
+
+def _run_key(src: Path, recipe: QuantRecipe, calib_ids: np.ndarray, batch_size: int) -> str:
+    h = hashlib.sha256(json.dumps([str(Path(src).resolve()), recipe.to_dict(), batch_size]).encode())
+    h.update(np.ascontiguousarray(calib_ids, np.int64).tobytes())
+    return h.hexdigest()
+
+
+class ResumeState:
+    """Per-block progress beside the output (`.{out}.partial/`): a killed run resumes from the last
+    finished block and produces the same checkpoint. Every file is written to a temp name and
+    renamed, and the state file is renamed last, so a kill at any point leaves a consistent state."""
+
+    def __init__(self, out: Path, key: str):
+        self.dir = out.parent / f".{out.name}.partial"
+        self.key = key
+        self.done = -1
+        self.global_idx: np.ndarray | None = None
+        state = self._read_state()
+        if state and state.get("key") == key:
+            self.done = int(state["done"])
+            self.global_idx = np.asarray(state["global_idx"], np.int32)
+        elif self.dir.exists():
+            shutil.rmtree(self.dir)  # another run's leftovers: start over
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.dir / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _write_state(self) -> None:
+        self._atomic(self.dir / "state.json", lambda p: p.write_text(json.dumps(
+            {"key": self.key, "done": self.done, "global_idx": [int(v) for v in self.global_idx]})))
+
+    @staticmethod
+    def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def save_global_idx(self, idx: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.global_idx = np.asarray(idx, np.int32)
+        self._write_state()
+
+    def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: np.ndarray) -> None:
+        self._atomic(self.dir / f"block_{i}.safetensors", lambda p: save_file(
+            {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
+        self._atomic(self.dir / f"x_{i}.npy", lambda p: _save_npy(p, x))
+        self.done = i
+        self._write_state()
+        (self.dir / f"x_{i - 1}.npy").unlink(missing_ok=True)
+
+    def load_block(self, i: int) -> dict[str, np.ndarray]:
+        return load_file(str(self.dir / f"block_{i}.safetensors"))
+
+    def load_activations(self) -> np.ndarray:
+        return np.load(self.dir / f"x_{self.done}.npy")
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

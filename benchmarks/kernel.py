@@ -1,0 +1,303 @@
+"""Benchmark / check the fused QEFT kernel (pallas_kernels/qeft_gemv.py).
+
+    python benchmarks/kernel.py [--quick]        # GPU: time shapes; CPU: interpret + lowering checks
+    python benchmarks/kernel.py --autotune       # GPU only: fill pallas_kernels/block_table.json
+    python benchmarks/kernel.py --print-table    # show the block table
+
+On a GPU, per GEMV shape (out x in) and M: kernel µs, effective GB/s (bytes the kernel must read:
+packed weight + scales + zeros + weak + activations + output), % of the device's HBM peak, and the
+speedup over a bf16 ``jnp.dot`` against the dense weight and over dequantize + dot (the XLA
+prefill path), all measured side by side in the same process. Each timed jit call runs the op on
+C distinct weight copies (C chosen so the copies together exceed ~120 MB, i.e. more than the
+H100's 50 MB L2, capped at 32) so large shapes are timed from HBM, not L2; the smallest shapes
+(the default model) stay L2-resident, which the output marks.
+
+Always (GPU or not): the interpret-mode kernel is compared with ``qeft_matmul_ref`` on a few
+shapes, and every (bits, group, dtype) config plus each benchmark shape is lowered for CUDA with
+``jax.export`` (platforms=["cuda"]). Without a GPU nothing can be timed and the script says so.
+
+The last line printed is JSON: interpret_max_rel_err, lowers_for_cuda, and on a GPU
+speedup_vs_bf16 (in=4096, out=11008, M=1) among others.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import block_table  # noqa: E402
+from pallas_kernels.qeft_gemv import dequant_matmul, qeft_matmul  # noqa: E402
+from pallas_kernels.testing import lower_for_cuda, random_inputs, rel_err  # noqa: E402
+from qeft_jax.quant.pack import num_groups, qeft_matmul_ref, values_per_word  # noqa: E402
+
+# (out, in): Llama-7B-like, Llama-70B-like MLP, and the default model (hidden 576, inter 1536,
+# 192 = k/v projection width)
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672),
+          (576, 576), (1536, 576), (576, 1536), (192, 576)]
+HEADLINE = (11008, 4096)  # out=11008, in=4096
+
+# Peak HBM bandwidth in bytes/s by device-kind substring (first match wins).
+HBM_PEAK = [("H200", 4.8e12), ("GH200", 4.0e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
+            ("H800", 3.35e12), ("B200", 8.0e12), ("A100-SXM4-80GB", 2.04e12),
+            ("A100 80GB", 1.94e12), ("A100", 1.555e12), ("L40S", 0.864e12), ("L4", 0.3e12),
+            ("RTX 4090", 1.008e12), ("A10", 0.6e12)]
+
+L2_SPILL_BYTES = 120e6
+
+
+def hbm_peak(kind: str) -> float | None:
+    for sub, bw in HBM_PEAK:
+        if sub in kind:
+            return bw
+    return None
+
+
+# ------------------------------------------------------------------ checks that need no GPU
+def interpret_checks(quick: bool) -> float:
+    #        out   n     bits g    k   M  dtype          scattered
+    cases = [(576, 576, 4, 128, 16, 1, jnp.bfloat16, False),
+             (1536, 576, 3, 64, 5, 3, jnp.float16, True),
+             (576, 1536, 2, 32, 0, 8, jnp.bfloat16, False),
+             (192, 576, 4, 32, 16, 1, jnp.float16, True)]
+    if not quick:
+        cases += [(576, 576, b, g, 16, m, jnp.bfloat16, True)
+                  for b, g, m in [(2, 128, 3), (3, 32, 1), (4, 64, 8)]]
+        cases += [(1024, 4096, 4, 128, 128, 1, jnp.bfloat16, True)]
+    worst = 0.0
+    for out, n, bits, g, k, m, dt, sc in cases:
+        x, qw, s, z, weak, idx = random_inputs(out, n, bits=bits, group_size=g, k=k, m=m, dtype=dt,
+                                               scattered=sc)
+        t0 = time.perf_counter()
+        y = qeft_matmul(x, qw, s, z, weak, idx, bits=bits, group_size=g, interpret=True)
+        ref = qeft_matmul_ref(x, qw, s, z, weak, idx, bits=bits, group_size=g)
+        err = rel_err(y, ref)
+        worst = max(worst, err)
+        print(f"interpret {out:>5}x{n:<5} bits={bits} g={g:<3} k={k:<3} M={m} "
+              f"{jnp.dtype(dt).name:8s} rel_err={err:.2e} ({time.perf_counter() - t0:.1f}s)")
+    return worst
+
+
+def lowering_checks(quick: bool, bits: int, group: int, k: int) -> tuple[bool, int]:
+    configs = [dict(out=200, n=576, bits=b, group_size=g, k=5, m=3, dtype=dt)
+               for b, g, dt in itertools.product((2, 3, 4), (32, 64, 128),
+                                                 (jnp.bfloat16, jnp.float16))]
+    ms = (1,) if quick else (1, 8)
+    configs += [dict(out=o, n=n, bits=bits, group_size=group, k=k, m=m)
+                for (o, n), m in itertools.product(SHAPES, ms)]
+    ok = True
+    for cfg in configs:
+        try:
+            lower_for_cuda(**cfg)
+        except Exception as e:  # noqa: BLE001 - report every failing config
+            ok = False
+            print(f"LOWERING FAILED {cfg}: {type(e).__name__}: {str(e)[:300]}")
+    print(f"CUDA lowering (jax.export, platforms=['cuda']): {len(configs)} configs, "
+          f"{'all ok' if ok else 'FAILURES'}")
+    return ok, len(configs)
+
+
+# ------------------------------------------------------------------ GPU timing
+def _copies(qbytes: int) -> int:
+    return int(min(32, max(1, math.ceil(L2_SPILL_BYTES / qbytes))))
+
+
+def _time(fn, args, reps: int) -> float:
+    """Median wall time of one jitted call (seconds); fn returns a pytree."""
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _make_copies(out, n, m, bits, group, k, copies, dtype=jnp.bfloat16):
+    sets = [random_inputs(out, n, bits=bits, group_size=group, k=k, m=m, dtype=dtype,
+                          scattered=True, seed=i) for i in range(copies)]
+    return [jnp.stack(t) for t in zip(*sets)]  # x, qw, s, z, weak, idx each [C, ...]
+
+
+def _unrolled(op):
+    """jit(fn over C copies): one dispatch runs op C times on distinct weights (no CSE/hoisting)."""
+    def run(*stacked):
+        c = stacked[0].shape[0]
+        return [op(*(a[i] for a in stacked)) for i in range(c)]
+    return jax.jit(run)
+
+
+def time_shape(out, n, m, bits, group, k, reps, kernel_kw=None):
+    vpw = values_per_word(bits)
+    g = num_groups(n, group)
+    qbytes = out * (-(-n // vpw)) * 4 + 2 * out * g * 2 + out * k * 2 + 2 * m * (n + out)
+    c = _copies(qbytes)
+    x, qw, s, z, weak, idx = _make_copies(out, n, m, bits, group, k, c)
+    kw = dict(kernel_kw or {})
+    kern = _unrolled(lambda *a: qeft_matmul(*a, bits=bits, group_size=group, **kw))
+    deq = _unrolled(lambda *a: dequant_matmul(*a, bits=bits, group_size=group))
+    w_dense = jnp.asarray(np.random.default_rng(0).normal(size=(c, n, out)), jnp.bfloat16)
+    dense = _unrolled(lambda xx, w: jnp.dot(xx, w, preferred_element_type=jnp.float32)
+                      .astype(jnp.bfloat16))
+    args = (x, qw, s, z, weak, idx)
+    t_k = _time(kern, args, reps) / c
+    t_d = _time(deq, args, reps) / c
+    t_b = _time(dense, (x, w_dense), reps) / c
+    y = qeft_matmul(x[0], qw[0], s[0], z[0], weak[0], idx[0], bits=bits, group_size=group, **kw)
+    ref = qeft_matmul_ref(x[0], qw[0], s[0], z[0], weak[0], idx[0], bits=bits, group_size=group)
+    del w_dense
+    return dict(us=t_k * 1e6, us_bf16=t_b * 1e6, us_dequant=t_d * 1e6, bytes=qbytes,
+                gbps=qbytes / t_k / 1e9, speedup_vs_bf16=t_b / t_k, speedup_vs_dequant=t_d / t_k,
+                copies=c, l2_resident=qbytes * c < L2_SPILL_BYTES, rel_err=rel_err(y, ref))
+
+
+def time_kernel_only(out, n, m, bits, group, k, reps, kernel_kw, stacked):
+    kern = _unrolled(lambda *a: qeft_matmul(*a, bits=bits, group_size=group, **kernel_kw))
+    return _time(kern, stacked, reps) / stacked[0].shape[0]
+
+
+def autotune(shapes, bits, group, k, reps, full: bool, prefill_m: int):
+    gpu = block_table.gpu_name()
+    new = {}
+    for out, n in shapes:
+        vpw = values_per_word(bits)
+        qbytes = out * (-(-n // vpw)) * 4
+        stacked = _make_copies(out, n, 1, bits, group, k, _copies(qbytes))
+        base = block_table.lookup(n=n, out=out, bits=bits)
+
+        def run(cfg):
+            try:
+                return time_kernel_only(out, n, 1, bits, group, k, reps, cfg, stacked)
+            except Exception as e:  # noqa: BLE001 - configs that fail to compile are skipped
+                print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}")
+                return float("inf")
+
+        keys = ("block_n", "block_w", "num_warps", "num_stages", "split_k", "use_dot")
+        best = {kk: base[kk] for kk in keys}
+        best_t = run(best)
+        if full:
+            stages = [dict(zip(keys, v)) for v in itertools.product(
+                (16, 32, 64, 128), (16, 32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (1, 2, 4),
+                (True, False))]
+            stages = [stages]
+        else:  # staged sweep: tiles and inner product first, then launch params and split
+            stages = [[dict(best, block_n=bn, block_w=bw, use_dot=ud) for bn, bw, ud in
+                       itertools.product((16, 32, 64, 128), (16, 32, 64, 128), (True, False))],
+                      None]
+        for stage in stages:
+            if stage is None:
+                stage = [dict(best, num_warps=w, num_stages=st, split_k=sk) for w, st, sk in
+                         itertools.product((2, 4, 8), (1, 2, 3, 4), (1, 2, 4))]
+            for cfg in stage:
+                t = run(cfg)
+                if t < best_t:
+                    best, best_t = dict(cfg), t
+        # prefill: XLA dequantize + dot vs the Pallas kernel tiled over M
+        xm = random_inputs(out, n, bits=bits, group_size=group, k=k, m=prefill_m, scattered=True)
+        t_xla = _time(jax.jit(lambda *a: qeft_matmul(*a, bits=bits, group_size=group,
+                                                     prefill="xla")), xm, reps)
+        try:
+            t_pal = _time(jax.jit(lambda *a: qeft_matmul(*a, bits=bits, group_size=group,
+                                                         prefill="pallas", **{
+                                                             kk: best[kk] for kk in
+                                                             ("block_n", "block_w", "num_warps",
+                                                              "num_stages")})), xm, reps)
+        except Exception as e:  # noqa: BLE001
+            print(f"  prefill pallas failed: {e}")
+            t_pal = float("inf")
+        best["prefill"] = "pallas" if t_pal < t_xla else "xla"
+        print(f"autotune {out}x{n} bits={bits}: {best} {best_t * 1e6:.1f}us; prefill M={prefill_m}"
+              f" xla {t_xla * 1e6:.0f}us pallas {t_pal * 1e6:.0f}us")
+        new[block_table.key(gpu, n, out, bits)] = dict(best, us=best_t * 1e6,
+                                                       prefill_us_xla=t_xla * 1e6,
+                                                       prefill_us_pallas=t_pal * 1e6)
+        block_table.update(new)  # write as we go (a long sweep keeps partial results)
+    print(f"wrote {len(new)} entries to {block_table.TABLE_PATH}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer checks / repetitions")
+    ap.add_argument("--autotune", action="store_true", help="GPU: sweep block sizes, write table")
+    ap.add_argument("--full-sweep", action="store_true", help="autotune the full cross product")
+    ap.add_argument("--print-table", action="store_true")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--k", type=int, default=128, help="weak columns per layer")
+    ap.add_argument("--m", type=int, nargs="+", default=None, help="batch rows to time (<= 8)")
+    ap.add_argument("--prefill-m", type=int, default=512)
+    args = ap.parse_args(argv)
+
+    if args.print_table:
+        print(block_table.format_table())
+        if not (args.autotune or args.quick):
+            return 0
+    gpu = block_table.gpu_name()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, GPU: {gpu or 'none'}")
+
+    summary: dict = {}
+    t0 = time.perf_counter()
+    summary["interpret_max_rel_err"] = interpret_checks(args.quick)
+    ok, nconf = lowering_checks(args.quick, args.bits, args.group, args.k)
+    summary["lowers_for_cuda"] = ok
+    summary["lowering_configs"] = nconf
+    summary["gpu"] = gpu
+    print(f"checks took {time.perf_counter() - t0:.1f}s")
+
+    if gpu is None:
+        if args.autotune:
+            print("--autotune needs a GPU: no GPU found, nothing can be timed; table unchanged.")
+        print("No GPU: kernel timings are UNMEASURED (interpret mode is not a performance proxy).")
+        summary["timed"] = False
+        print(json.dumps(summary))
+        return 0
+
+    reps = 5 if args.quick else 20
+    if args.autotune:
+        autotune(SHAPES, args.bits, args.group, args.k, 3 if args.quick else 10,
+                 args.full_sweep, args.prefill_m)
+        print(block_table.format_table())
+
+    peak = hbm_peak(gpu)
+    ms = args.m or ([1] if args.quick else [1, 8])
+    print(f"\nHBM peak for '{gpu}': {peak / 1e12 if peak else float('nan'):.2f} TB/s; "
+          f"bits={args.bits} g={args.group} k={args.k}")
+    print(f"{'out x in':>13} {'M':>2} {'kernel us':>9} {'GB/s':>7} {'%peak':>6} {'bf16 us':>8} "
+          f"{'deq+dot us':>10} {'vs bf16':>7} {'vs deq':>7} {'rel_err':>8}")
+    rows = {}
+    gpu_err = 0.0
+    for (out, n), m in itertools.product(SHAPES, ms):
+        r = time_shape(out, n, m, args.bits, args.group, args.k, reps)
+        rows[f"{out}x{n}_M{m}"] = r
+        gpu_err = max(gpu_err, r["rel_err"])
+        pct = 100 * r["gbps"] * 1e9 / peak if peak else float("nan")
+        print(f"{out:>6}x{n:<6} {m:>2} {r['us']:9.1f} {r['gbps']:7.0f} {pct:6.1f} "
+              f"{r['us_bf16']:8.1f} {r['us_dequant']:10.1f} {r['speedup_vs_bf16']:7.2f} "
+              f"{r['speedup_vs_dequant']:7.2f} {r['rel_err']:8.1e}{'  (L2-resident)' if r['l2_resident'] else ''}")
+    head = rows[f"{HEADLINE[0]}x{HEADLINE[1]}_M1"] if f"{HEADLINE[0]}x{HEADLINE[1]}_M1" in rows else None
+    summary["timed"] = True
+    summary["gpu_max_rel_err"] = gpu_err
+    if head:
+        summary["speedup_vs_bf16"] = round(head["speedup_vs_bf16"], 3)
+        summary["speedup_vs_dequant_dot"] = round(head["speedup_vs_dequant"], 3)
+        summary["us_4096_11008"] = round(head["us"], 2)
+        summary["pct_hbm_peak_4096_11008"] = (round(100 * head["gbps"] * 1e9 / peak, 1)
+                                              if peak else None)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""A killed `qeft_jax.quantize` resumes from the last finished block and writes the same checkpoint."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cmd(model: Path, out: Path, data: Path) -> list[str]:
+    return [sys.executable, "-m", "qeft_jax.quantize", "--model", str(model), "--method", "qeft",
+            "--bits", "4", "--group-size", "16", "--k", "4", "--calib-samples", "4", "--seq-len", "32",
+            "--calib-data", str(data), "--batch-size", "1", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(converted, tmp_path_factory):
+    """A tiny converted model plus a word-level tokenizer, and a calibration text file."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("resume")
+    model = root / "model"
+    shutil.copytree(converted["llama3_rope_bias"], model)
+    words = [f"w{i}" for i in range(90)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<eos>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(model)
+    rng = np.random.default_rng(0)
+    data = root / "calib.txt"
+    data.write_text("\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(10)))
+    return model, data
+
+
+def test_kill_and_resume_quantize_gives_same_checkpoint(tiny_with_tokenizer, tmp_path):
+    model, data = tiny_with_tokenizer
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    straight = tmp_path / "straight"
+    subprocess.run(_cmd(model, straight, data), check=True, env=env, cwd=REPO, capture_output=True)
+
+    out = tmp_path / "resumed"
+    partial = tmp_path / ".resumed.partial"
+    proc = subprocess.Popen(_cmd(model, out, data), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (partial / "block_0.safetensors").exists():  # kill once a block has finished
+        assert proc.poll() is None, "quantize finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run must not leave a (partial) output checkpoint"
+    state = (partial / "state.json").read_text()
+    assert '"done": 0' in state or '"done": 1' in state
+
+    done = subprocess.run(_cmd(model, out, data), env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not partial.exists()
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -1,0 +1,335 @@
+"""Fine-tuning: weak-column-only training, masking, packing, resume, baselines and merging (CPU, tiny)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qeft_jax.io import SafetensorsReader
+from train import data as tdata
+
+VOCAB = 101  # the gqa_untied tiny model
+
+
+class StubTokenizer:
+    """Characters -> ids in [3, VOCAB); bos 1, eos 2, pad 0. Optionally a fake chat template."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __init__(self, chat: bool = False):
+        self.chat_template = "stub" if chat else None
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [3 + (ord(c) % (VOCAB - 3)) for c in text]
+        return ([self.bos_token_id] if add_special_tokens else []) + ids
+
+    def apply_chat_template(self, msgs, add_generation_prompt=False, tokenize=False):
+        s = "".join(f"<{m['role']}>{m['content']}</>" for m in msgs)
+        return s + ("<assistant>" if add_generation_prompt else "")
+
+
+def examples(n: int = 24) -> list[dict[str, str]]:
+    words = ["cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird"]
+    out = []
+    for i in range(n):
+        w = words[i % len(words)]
+        out.append({"instruction": f"Repeat {i % 5}", "input": w if i % 2 else "", "output": w * 2})
+    return out
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_tensors(d: Path) -> dict[str, np.ndarray]:
+    r = SafetensorsReader([d / "model.safetensors"])
+    return {k: r.get(k) for k in r.keys()}
+
+
+@pytest.fixture(scope="module")
+def qdirs(converted, tmp_path_factory):
+    """(fp dir, quantized qeft dir) of the gqa_untied tiny model."""
+    from qeft_jax.quant.pipeline import quantize_checkpoint
+    from qeft_jax.quant.recipes import make_recipe
+
+    src = Path(converted["gqa_untied"])
+    out = tmp_path_factory.mktemp("q") / "qeft"
+    ids = np.random.default_rng(0).integers(0, VOCAB, (4, 32))
+    quantize_checkpoint(src, out, make_recipe("qeft", bits=4, group_size=32, k=8), ids, progress=False)
+    return src, out
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", examples())
+
+
+def cfg_for(model, out, data, **kw):
+    from train.trainer import TrainConfig
+
+    base = dict(model=str(model), out=str(out), data=str(data), seq_len=48, batch_size=4,
+                micro_batch_size=2, steps=4, lr=3e-2, save_every=100, eval_every=2, eval_rows=4,
+                val_fraction=0.1, lora_rank=4, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------------------- data
+def test_response_only_masking():
+    tok = StubTokenizer()
+    ex = {"instruction": "Say hi", "input": "", "output": "hi"}
+    ids, mask = tdata.encode_example(tok, ex)
+    prompt = tok.encode(tdata.ALPACA_PROMPT.format(instruction="Say hi"), add_special_tokens=True)
+    assert ids.tolist() == prompt + tok.encode("hi", add_special_tokens=False) + [2]
+    assert not mask[:len(prompt)].any() and mask[len(prompt):].all()
+    # chat template: the response is what the full conversation adds after the generation prompt
+    chat = StubTokenizer(chat=True)
+    ids, mask = tdata.encode_example(chat, {"instruction": "Q", "input": "ctx", "output": "A"})
+    p = chat.encode("<user>Q\n\nctx</><assistant>", add_special_tokens=False)
+    assert ids.tolist() == p + chat.encode("A</>", add_special_tokens=False)
+    assert mask.tolist() == [False] * len(p) + [True] * 4
+    # loss weights: targets are response tokens; none at position 0
+    packed = tdata.pack([(ids, mask)], 40, 0)
+    w = packed.loss_weights()[0]
+    assert w.tolist() == [0.0] * len(p) + [1.0] * 4 + [0.0] * (40 - len(ids))
+
+
+def test_packing():
+    tok = StubTokenizer()
+    enc = [tdata.encode_example(tok, e) for e in examples(12)]
+    seq = 600
+    packed = tdata.pack(enc, seq, 0)
+    assert packed.tokens.shape[1] == seq and len(packed) < len(enc)
+    # every example appears exactly once, contiguous, with its own mask
+    found = []
+    for r in range(len(packed)):
+        for s in range(1, packed.segments[r].max() + 1):
+            where = np.flatnonzero(packed.segments[r] == s)
+            assert np.all(np.diff(where) == 1)
+            found.append((packed.tokens[r, where].tolist(), packed.response[r, where].tolist()))
+    assert sorted(found) == sorted((i.tolist(), m.tolist()) for i, m in enc)
+    assert np.all(packed.tokens[packed.segments == 0] == 0) and not packed.response[packed.segments == 0].any()
+    # weights never connect two examples: each weighted target's predecessor is in the same segment
+    w = packed.loss_weights()
+    rr, tt = np.nonzero(w)
+    assert np.all(packed.segments[rr, tt] == packed.segments[rr, tt - 1])
+    assert w.sum() == sum(int(m[1:].sum()) for _, m in enc)
+    # deterministic; truncation to seq_len
+    again = tdata.pack(enc, seq, 0)
+    assert np.array_equal(again.tokens, packed.tokens)
+    longest = max(len(i) for i, _ in enc)
+    short = tdata.pack(enc, longest - 2, 0)  # truncated, still with response targets
+    assert short.tokens.shape[1] == longest - 2 and short.loss_weights().sum() < w.sum()
+    # the data order is a pure function of (seed, step) and covers each epoch once
+    a = np.concatenate([tdata.rows_for_step(10, 5, 3, s) for s in range(4)])
+    assert sorted(a[:10].tolist()) == list(range(10)) and sorted(a[10:].tolist()) == list(range(10))
+    assert np.array_equal(tdata.rows_for_step(10, 5, 3, 2), a[10:15])
+    assert not np.array_equal(tdata.rows_for_step(10, 5, 4, 0), a[:5])
+
+
+def test_load_jsonl_errors(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x"}])
+    with pytest.raises(ValueError, match="output"):
+        tdata.load_jsonl(bad)
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"instruction": "x", "output": "y", "input": None}])
+    assert tdata.load_jsonl(ok) == [{"instruction": "x", "input": "", "output": "y"}]
+
+
+# ----------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def qeft_run(qdirs, data_file, tmp_path_factory):
+    from train.trainer import train
+
+    _, q = qdirs
+    out = tmp_path_factory.mktemp("runs") / "qeft"
+    summary = train(cfg_for(q, out, data_file, steps=6, save_every=3), tokenizer=StubTokenizer(chat=True))
+    return out, summary
+
+
+def test_qeft_trains_only_weak_columns(qdirs, qeft_run):
+    from qeft_jax.load import load_model
+
+    _, q = qdirs
+    out, summary = qeft_run
+    before, after = read_tensors(q), read_tensors(out)
+    assert before.keys() == after.keys()
+    weak = [k for k in before if k.endswith(".weak")]
+    assert len(weak) == 2 * 7
+    for k in before:
+        if k.endswith(".weak"):
+            continue
+        assert before[k].dtype == after[k].dtype and np.array_equal(before[k], after[k]), k
+    assert sum(not np.array_equal(before[k], after[k]) for k in weak) == len(weak)
+    model, _, _ = load_model(out)  # the output is a loadable quantized checkpoint
+    logits = model(jnp.zeros((1, 5), jnp.int32))
+    assert logits.shape == (1, 5, VOCAB) and bool(jnp.all(jnp.isfinite(logits)))
+    assert summary["trainable_params"] == sum(before[k].size for k in weak)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6] and "eval_loss" in lines[1]
+    assert json.loads((out / "train_config.json").read_text())["method"] == "qeft"
+
+
+def test_gradients_and_optimizer_state_only_for_weak_columns(qdirs):
+    from qeft_jax.qlinear import WeakColumns
+    from train.trainer import TrainConfig, build_model, make_optimizer, split_trainable
+
+    _, q = qdirs
+    model, _, _, _ = build_model(q, "qeft", dtype=jnp.float32, lora_rank=4, lora_alpha=8, seed=0)
+    graphdef, trainable, frozen = split_trainable(model, "qeft")
+    weak = nnx_flat(trainable)
+    assert weak and all(k.endswith(".weak") for k in weak)
+    assert all(isinstance(v, WeakColumns) for v in jax.tree.leaves(trainable, is_leaf=lambda x: isinstance(x, WeakColumns)))
+    assert not any(k.endswith(".weak") for k in nnx_flat(frozen))
+    tx, _ = make_optimizer(1e-3, TrainConfig(model="", out=""))
+    opt = tx.init(trainable)
+    shapes = sorted(x.shape for x in jax.tree.leaves(opt) if x.ndim)
+    assert shapes == sorted([v.shape for v in weak.values()] * 2)  # Adam mu and nu, nothing else
+    assert sum(x.size for x in jax.tree.leaves(opt) if x.ndim == 0) <= 2  # step counters
+
+
+def nnx_flat(state) -> dict:
+    from flax import nnx
+
+    return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
+
+
+def test_loss_decreases_on_overfit(qdirs, tmp_path):
+    from train.trainer import train
+
+    _, q = qdirs
+    data = write_jsonl(tmp_path / "tiny.jsonl", examples(4))
+    out = tmp_path / "overfit"
+    train(cfg_for(q, out, data, steps=25, val_fraction=0.0), tokenizer=StubTokenizer(chat=True))
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(losses[-3:]) < losses[0] - 0.5, losses
+
+
+def test_resume_is_bit_identical(qdirs, data_file, qeft_run, tmp_path):
+    from train.trainer import load_trained_leaves, train
+
+    _, q = qdirs
+    tok = StubTokenizer(chat=True)
+    straight, _ = qeft_run  # the same config run straight through
+
+    resumed = tmp_path / "resumed"
+    cfg = cfg_for(q, resumed, data_file, steps=6, save_every=3)
+
+    def interrupt(step, rec):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tokenizer=tok, on_step=interrupt)
+    assert not (resumed / "train_done.json").exists()
+    assert load_trained_leaves(resumed)[0] == 4  # state saved on interrupt
+    train(cfg, tokenizer=tok)
+    s1, a = load_trained_leaves(straight)
+    s2, b = load_trained_leaves(resumed)
+    assert s1 == s2 == 6
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    ta, tb = read_tensors(straight), read_tensors(resumed)
+    assert all(np.array_equal(ta[k], tb[k]) for k in ta)
+    ma = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
+    # a finished run is found complete; a different config into the same out is refused
+    assert train(cfg, tokenizer=tok)["step"] == 6
+    with pytest.raises(ValueError, match="different configuration"):
+        train(cfg_for(q, resumed, data_file, steps=6, save_every=3, seed=1), tokenizer=tok)
+
+
+def test_nonfinite_loss_stops_and_keeps_state(qdirs, data_file, tmp_path):
+    from qeft_jax.config import LlamaConfig
+    from qeft_jax.io import atomic_dir, tokenizer_files
+    from qeft_jax.quant.checkpoint import read_quantized, write_quantized
+    from train.trainer import NonFiniteLoss, load_trained_leaves, train
+
+    _, q = qdirs
+    cfg = LlamaConfig.from_json_file(q / "config.json")
+    info, _, t = read_quantized(q, cfg)
+    t = dict(t)
+    t["model.layers.1.mlp.down_proj.weak"] = np.full_like(t["model.layers.1.mlp.down_proj.weak"], np.inf)
+    bad = tmp_path / "bad"
+    with atomic_dir(bad) as tmp:
+        write_quantized(tmp, cfg, t, {k: v for k, v in info.items() if k not in ("sha256", "format_version")},
+                        tokenizer_files(q))
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLoss, match="non-finite"):
+        train(cfg_for(bad, out, data_file, steps=3), tokenizer=StubTokenizer(chat=True))
+    step, _ = load_trained_leaves(out)
+    assert step == 0 and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_baselines_change_only_their_params(method, qdirs, data_file, tmp_path):
+    from train.lora import ADAPTER_FILE, load_with_adapters
+    from train.trainer import train
+
+    fp, q = qdirs
+    src = q if method == "qlora" else fp
+    out = tmp_path / method
+    summary = train(cfg_for(src, out, data_file, steps=2, method=method, lr=1e-3), tokenizer=StubTokenizer(chat=True))
+    before, after = read_tensors(src), read_tensors(out)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    linears = {k for k in before if k.startswith("model.layers.") and "_proj.weight" in k}
+    if method == "qlora":
+        assert not changed  # the 4-bit base and its weak columns stay frozen
+        ad = SafetensorsReader([out / ADAPTER_FILE])
+        bs = [ad.get(k) for k in ad.keys() if k.endswith("lora_B")]
+        assert len(bs) == 14 and all(np.abs(b).max() > 0 for b in bs)
+        model, _, _ = load_with_adapters(out)
+        assert bool(jnp.all(jnp.isfinite(model(jnp.zeros((1, 4), jnp.int32)))))
+        assert summary["trainable_params"] == sum(ad.get(k).size for k in ad.keys())
+    elif method == "lora":
+        assert changed == linears  # adapters merged into the linears only
+    else:
+        assert linears <= changed and "model.embed_tokens.weight" in changed
+
+
+# -------------------------------------------------------------------------------------- merge
+def test_merge_into_base_reproduces_tuned(qdirs, qeft_run, tmp_path):
+    from qeft_jax.merge import main
+
+    _, q = qdirs
+    tuned, _ = qeft_run
+    out = tmp_path / "merged_q"
+    main(["--tuned", str(tuned), "--base", str(q), "--target", str(q), "--out", str(out)])
+    a, b = read_tensors(tuned), read_tensors(out)
+    assert a.keys() == b.keys()
+    for k in a:  # bit for bit (signed zeros too)
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+    assert (tuned / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_merge_into_fp_target_changes_exactly_weak_columns(qdirs, qeft_run, tmp_path):
+    from train.merge import channel_maps, merge
+
+    fp, q = qdirs
+    tuned, _ = qeft_run
+    out = tmp_path / "merged_fp"
+    merge(tuned, q, fp, out)
+    before, after, tq, bq = read_tensors(fp), read_tensors(out), read_tensors(tuned), read_tensors(q)
+    assert before.keys() == after.keys()
+    for k in before:
+        if not (k.startswith("model.layers.") and k.endswith("_proj.weight")):
+            assert np.array_equal(before[k], after[k]), k
+            continue
+        i, name = int(k.split(".")[2]), k.split(".", 3)[3][: -len(".weight")]
+        p = f"model.layers.{i}.{name}"
+        rows, cols = channel_maps(bq, i, name, before[k].shape)
+        weak_orig = cols[bq[p + ".weak_idx"]]
+        diff = after[k].astype(np.float64) - before[k].astype(np.float64)
+        mask = np.zeros(before[k].shape, bool)
+        mask[:, weak_orig] = True
+        assert not np.any(diff[~mask]), k  # nothing outside the weak columns moves
+        delta = tq[p + ".weak"].astype(np.float64) - bq[p + ".weak"].astype(np.float64)
+        expect = np.zeros_like(diff)
+        expect[np.ix_(rows, weak_orig)] = delta
+        np.testing.assert_allclose(diff, expect, atol=1e-6, rtol=1e-5)
+        assert np.count_nonzero(diff) > 0.9 * delta.size

@@ -1,0 +1,137 @@
+"""LoRA / QLoRA baselines: a low-rank path beside every block linear.
+
+    y = base(x) + (alpha / r) · (x · Aᵀ) · Bᵀ        A [r, in] ~ N(0, 1/in), B [out, r] = 0
+
+`base` is a dense `Linear` (LoRA on the fp model) or a `QEFTLinear` (QLoRA: the same 4-bit base,
+its weak columns frozen). Only `LoraParam` variables are trained.
+
+Saving: LoRA on an fp model is merged (W += (alpha/r)·B·A) into a plain fp checkpoint. QLoRA cannot
+be merged into the 4-bit grid without requantizing, so its output directory is the unchanged
+quantized base plus `adapter_model.safetensors` (names `model.layers.{i}.{linear}.lora_A|lora_B`,
+in the quantized model's channel order) and `adapter_config.json`; `load_with_adapters` rebuilds
+the tuned model (plain `load_model` on that directory gives the base without adapters).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qeft_jax.params import LINEAR_NAMES
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoraParam(nnx.Param):
+    """The trainable low-rank factors."""
+
+
+class LoRALinear(nnx.Module):
+    def __init__(self, base: nnx.Module, rank: int, alpha: float, *, rngs: nnx.Rngs,
+                 param_dtype: Any = jnp.float32):
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        n_in, n_out = base.in_features, base.out_features
+        self.lora_A = LoraParam(jax.random.normal(rngs.params(), (rank, n_in), param_dtype) / np.sqrt(n_in))
+        self.lora_B = LoraParam(jnp.zeros((n_out, rank), param_dtype))
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base(x)
+        a = self.lora_A[...].astype(y.dtype)
+        b = self.lora_B[...].astype(y.dtype)
+        return y + (self.alpha / self.rank) * jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r",
+                                                                                   x.astype(y.dtype), a), b)
+
+
+def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int) -> None:
+    """Wrap every block linear of `model` (in place) with a LoRALinear; deterministic in `seed`."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    rngs = nnx.Rngs(params=seed)
+    for layer in model.model.layers:
+        for name in LINEAR_NAMES:
+            parent, attr = name.split(".")
+            mod = getattr(layer, parent)
+            base = getattr(mod, attr)
+            if isinstance(base, LoRALinear):
+                raise ValueError("the model already carries LoRA adapters")
+            setattr(mod, attr, LoRALinear(base, rank, alpha, rngs=rngs))
+
+
+def lora_delta(a: np.ndarray, b: np.ndarray, rank: int, alpha: float) -> np.ndarray:
+    return (alpha / rank) * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
+
+
+def adapter_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """{'model.layers.{i}.{linear}.lora_A|lora_B': float32} of a LoRA-wrapped model."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, LoraParam)):
+        out[".".join(str(p) for p in path)] = np.asarray(var[...], np.float32)
+    return out
+
+
+def merged_fp_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """HF-named fp tensors of a LoRA-wrapped dense model with every adapter merged into its weight."""
+    flat = {".".join(str(p) for p in path): np.asarray(v[...], np.float32)
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out = {}
+    for k, v in flat.items():
+        if k.endswith(".lora_A") or k.endswith(".lora_B"):
+            continue
+        if k.endswith(".base.weight"):
+            stem = k[: -len(".base.weight")]
+            lin = _get(model, stem)
+            v = (v + lora_delta(flat[stem + ".lora_A"], flat[stem + ".lora_B"], lin.rank, lin.alpha)
+                 ).astype(np.float32)
+            out[stem + ".weight"] = v
+        elif ".base." in k:
+            out[k.replace(".base.", ".")] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _get(model: nnx.Module, dotted: str) -> Any:
+    obj = model
+    for part in dotted.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def save_adapters(out: Path, model: nnx.Module, *, rank: int, alpha: float, meta: Mapping[str, Any]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(adapter_tensors(model), str(out / ADAPTER_FILE), metadata={"format": "np"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps({"rank": rank, "alpha": alpha, "targets": list(LINEAR_NAMES),
+                                                  **meta}, indent=2, sort_keys=True))
+
+
+def load_with_adapters(path: str | Path, **kw: Any) -> tuple[nnx.Module, Any, Any]:
+    """load_model(path) plus the LoRA adapters saved beside it (a QLoRA training output)."""
+    from qeft_jax.io import SafetensorsReader
+    from qeft_jax.load import load_model
+
+    path = Path(path)
+    model, tok, cfg = load_model(path, **kw)
+    conf = json.loads((path / ADAPTER_CONFIG).read_text())
+    apply_lora(model, int(conf["rank"]), float(conf["alpha"]), seed=0)
+    reader = SafetensorsReader([path / ADAPTER_FILE])
+    state = nnx.state(model, LoraParam)
+    for p, var in nnx.to_flat_state(state):
+        var.set_value(jnp.asarray(reader.get(".".join(str(x) for x in p)), var[...].dtype))
+    nnx.update(model, state)
+    return model, tok, cfg

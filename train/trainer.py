@@ -1,0 +1,538 @@
+"""The fine-tuning loop: QEFT weak-column tuning and the LoRA / QLoRA / full baselines.
+
+One loop for every method; a method only decides which variables are trainable:
+  qeft   WeakColumns of every QEFTLinear (the packed base and everything else frozen)
+  qlora  LoraParam adapters beside the QEFTLinears (weak columns frozen too)
+  lora   LoraParam adapters beside the fp model's Linears
+  full   every nnx.Param of the fp model
+
+The model is split into (trainable, frozen) and gradients are taken w.r.t. `trainable` only, so
+nothing else gets a gradient or optimizer state. Trainable leaves are kept as float32 master copies
+(the frozen model runs in float32 on CPU, bfloat16 on GPU).
+
+Output directory (`out`):
+  train_config.json      the resolved config (a rerun must match it; then it resumes)
+  metrics.jsonl          one record per step (loss, grad_norm, lr, tokens/s) and per evaluation
+  checkpoints/<step>/    orbax checkpoints of (trainable, optimizer state), the last `keep` kept
+  config.json, model.safetensors, ...   the final loadable checkpoint (see `export`)
+  train_done.json        written last: the run is complete
+Data order is a pure function of (seed, step) and the step is stateless otherwise, so an
+interrupted run rerun with the same command ends with exactly the parameters of a straight run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from train import data as tdata
+
+METHODS = ("qeft", "qlora", "lora", "full")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN/Inf; the last good state was kept."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str                        # 'default' or a checkpoint dir (quantized for qeft/qlora, fp for lora/full)
+    out: str
+    method: str = "qeft"
+    data: str = "builtin"             # 'builtin' or an Alpaca/Open-Platypus .jsonl/.json
+    tasks: list[str] | None = None    # builtin only: which bundled tasks (None: all)
+    limit_per_task: int = 1000
+    val_data: str | None = None       # held-out jsonl; default: a val_fraction split of the data
+    val_fraction: float = 0.02
+    seq_len: int = 512
+    batch_size: int = 16              # effective batch (rows per optimizer step)
+    micro_batch_size: int = 4         # rows per forward/backward; batch_size / micro = accumulation
+    steps: int | None = None          # default: `epochs` passes over the packed rows
+    epochs: float = 1.0
+    lr: float | None = None           # default: qeft 1e-5 (k < 128) / 5e-6 (k >= 128); lora/qlora 2e-4; full 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float = 0.3
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    seed: int = 0
+    remat: bool = False               # jax.checkpoint each decoder block
+    dtype: str = "auto"               # compute dtype: auto (bf16 on GPU, f32 elsewhere) | float32 | bfloat16
+    lora_rank: int = 64
+    lora_alpha: float = 16.0
+    save_every: int = 200
+    keep: int = 3
+    eval_every: int = 200
+    eval_rows: int = 64
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.batch_size <= 0 or self.micro_batch_size <= 0 or self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
+                             f"micro_batch_size ({self.micro_batch_size})")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.save_every <= 0 or self.keep <= 0:
+            raise ValueError("save_every and keep must be positive")
+
+
+# Settings that change what the run computes: a rerun into the same --out must match them.
+RESUME_KEYS = ("model", "method", "data", "tasks", "limit_per_task", "val_data", "val_fraction",
+               "seq_len", "batch_size", "micro_batch_size", "steps", "epochs", "lr", "warmup_steps",
+               "weight_decay", "clip_norm", "adam_b1", "adam_b2", "seed", "dtype", "lora_rank",
+               "lora_alpha", "data_sha256", "resolved_lr", "resolved_steps")
+
+
+def compute_dtype(name: str) -> Any:
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return jnp.dtype(name)
+
+
+def trainable_filter(method: str) -> Any:
+    from qeft_jax.qlinear import WeakColumns
+    from train.lora import LoraParam
+
+    return {"qeft": WeakColumns, "qlora": LoraParam, "lora": LoraParam, "full": nnx.Param}[method]
+
+
+def default_lr(method: str, k: int) -> float:
+    if method == "qeft":
+        return 5e-6 if k >= 128 else 1e-5
+    return 2e-4 if method in ("lora", "qlora") else 1e-5
+
+
+def build_model(model_dir: Path, method: str, *, dtype: Any, lora_rank: int, lora_alpha: float,
+                seed: int) -> tuple[nnx.Module, Any, Any, dict[str, Any]]:
+    """(model, tokenizer, config, info) for a method; info has 'quantized' and 'k'."""
+    from qeft_jax.load import load_model
+
+    quantized = (model_dir / "quantization.json").is_file()
+    if method in ("qeft", "qlora") and not quantized:
+        raise ValueError(f"--method {method} needs a quantized QEFT checkpoint (python -m qeft_jax.quantize); "
+                         f"{model_dir} is an fp checkpoint")
+    if method in ("lora", "full") and quantized:
+        raise ValueError(f"--method {method} trains the fp model; {model_dir} is a quantized checkpoint "
+                         f"(use --method qeft or qlora)")
+    model, tok, cfg = load_model(model_dir, dtype=dtype, param_dtype=dtype)
+    k = 0
+    if quantized:
+        k = int(json.loads((model_dir / "quantization.json").read_text())["recipe"]["k"])
+        if method == "qeft" and k == 0:
+            raise ValueError(f"{model_dir} was quantized with k=0 weak columns: nothing to fine-tune")
+    if method in ("lora", "qlora"):
+        from train.lora import apply_lora
+
+        apply_lora(model, lora_rank, lora_alpha, seed)
+    return model, tok, cfg, {"quantized": quantized, "k": k}
+
+
+def split_trainable(model: nnx.Module, method: str) -> tuple[Any, nnx.State, nnx.State]:
+    """(graphdef, trainable float32 master copy, frozen)."""
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(method), ...)
+    trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+    return graphdef, trainable, frozen
+
+
+def forward_logits(model: nnx.Module, tokens: jax.Array, remat: bool) -> jax.Array:
+    """The training forward (no cache), optionally rematerialising each decoder block."""
+    return model.logits(forward_blocks(model, model.hidden_states(tokens), remat))
+
+
+def forward_blocks(model: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
+    """The decoder blocks on embeddings x [B, T, D] (causal, positions 0..T-1)."""
+    b, t = x.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_valid = jnp.ones((b, t), jnp.int32)
+    inv_freq = model.inv_freq[...]
+    for layer in model.model.layers:
+        if remat:
+            gd, st = nnx.split(layer)
+
+            def block(st, x, gd=gd):
+                return nnx.merge(gd, st)(x, positions, kv_valid, inv_freq, None, 0)[0]
+
+            x = jax.checkpoint(block)(st, x)
+        else:
+            x, _ = layer(x, positions, kv_valid, inv_freq, None, 0)
+    return x
+
+
+def make_optimizer(lr: float, cfg: TrainConfig) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+    if cfg.warmup_steps > 0:
+        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, cfg.warmup_steps),
+                                      optax.constant_schedule(lr)], [cfg.warmup_steps])
+    else:
+        sched = optax.constant_schedule(lr)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(sched, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=1e-8,
+                                 weight_decay=cfg.weight_decay))
+    return tx, sched
+
+
+_STEP_FNS: dict[Any, Any] = {}
+
+
+def step_fns(graphdef: Any, lr: float, cfg: TrainConfig):
+    """Memoised make_step_fns: repeated runs of one model/optimizer in a process reuse the compiled
+    step (graph definitions compare by structure)."""
+    key = (graphdef, lr, cfg.warmup_steps, cfg.weight_decay, cfg.clip_norm, cfg.adam_b1, cfg.adam_b2, cfg.remat)
+    if key not in _STEP_FNS:
+        if len(_STEP_FNS) > 8:
+            _STEP_FNS.clear()
+        _STEP_FNS[key] = make_step_fns(graphdef, make_optimizer(lr, cfg)[0], cfg.remat)
+    return _STEP_FNS[key]
+
+
+def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool):
+    """(train_step, eval_sums), both jitted. train_step takes micro-batches stacked [A, mb, L]."""
+
+    def loss_sums(trainable, frozen, tokens, weights):
+        model = nnx.merge(graphdef, trainable, frozen)
+        logits = forward_logits(model, tokens, remat)[:, :-1].astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        w = weights[:, 1:]
+        return jnp.sum(nll * w), jnp.sum(w)
+
+    def train_step(trainable, opt_state, frozen, tokens, weights):
+        grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+        def micro(carry, xs):
+            g_acc, l_acc, n_acc = carry
+            (l, n), g = grad_fn(trainable, frozen, *xs)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+
+        init = (jax.tree.map(jnp.zeros_like, trainable), jnp.float32(0), jnp.float32(0))
+        (g, l, n), _ = jax.lax.scan(micro, init, (tokens, weights))
+        denom = jnp.maximum(n, 1.0)
+        g = jax.tree.map(lambda x: x / denom, g)
+        loss = l / denom
+        gnorm = optax.tree.norm(g)
+        updates, new_opt = tx.update(g, opt_state, trainable)
+        new_tr = optax.apply_updates(trainable, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jnp.where(ok, new, old)  # a non-finite step leaves the state untouched
+        new_tr = jax.tree.map(keep, new_tr, trainable)
+        new_opt = jax.tree.map(keep, new_opt, opt_state)
+        return new_tr, new_opt, {"loss": loss, "grad_norm": gnorm, "targets": n, "ok": ok}
+
+    return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(loss_sums))
+
+
+# ----------------------------------------------------------------------------------------- data
+def _tokenizer_pad(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Any, vocab_size: int) -> tuple[tdata.Packed, tdata.Packed | None]:
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer; training needs one (pass --tokenizer DIR)")
+    if cfg.data == "builtin":
+        examples = tdata.builtin_examples(cfg.tasks, cfg.limit_per_task, cfg.seed)
+    else:
+        examples = tdata.load_jsonl(cfg.data)
+    if cfg.val_data:
+        train_ex, val_ex = examples, tdata.load_jsonl(cfg.val_data)
+    else:
+        train_ex, val_ex = tdata.split_examples(examples, cfg.val_fraction, cfg.seed)
+    pad = _tokenizer_pad(tokenizer)
+    train = tdata.pack((tdata.encode_example(tokenizer, e) for e in train_ex), cfg.seq_len, pad)
+    val = tdata.pack((tdata.encode_example(tokenizer, e) for e in val_ex), cfg.seq_len, pad) if val_ex else None
+    for p in (train, val):
+        if p is not None and (p.tokens.min() < 0 or p.tokens.max() >= vocab_size):
+            raise ValueError(f"token ids fall outside the model's vocabulary [0, {vocab_size}): "
+                             f"is the tokenizer the model's?")
+    return train, val
+
+
+def data_fingerprint(train: tdata.Packed, val: tdata.Packed | None) -> str:
+    h = hashlib.sha256()
+    for p in (train, val):
+        if p is not None:
+            for a in (p.tokens, p.response, p.segments):
+                h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+class Checkpoints:
+    """Orbax checkpoints of (trainable leaves, optimizer leaves); atomic, last `keep` kept."""
+
+    def __init__(self, root: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.mngr = ocp.CheckpointManager(root.resolve(), options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+
+    def latest(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, step: int, trainable: Any, opt_state: Any) -> None:
+        if step in self.mngr.all_steps():
+            return
+        tree = {"trainable": _leaf_dict(trainable), "opt": _leaf_dict(opt_state)}
+        self.mngr.save(step, args=self._ocp.args.StandardSave(tree))
+        self.mngr.wait_until_finished()
+
+    def restore(self, step: int, trainable: Any, opt_state: Any) -> tuple[Any, Any]:
+        abstract = {"trainable": _leaf_dict(trainable, abstract=True), "opt": _leaf_dict(opt_state, abstract=True)}
+        got = self.mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        return (_from_leaf_dict(trainable, got["trainable"]), _from_leaf_dict(opt_state, got["opt"]))
+
+    def close(self) -> None:
+        self.mngr.close()
+
+
+def _leaf_dict(tree: Any, abstract: bool = False) -> dict[str, Any]:
+    leaves = jax.tree.leaves(tree)
+    f = (lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)) if abstract else (lambda x: x)
+    return {f"{i:06d}": f(x) for i, x in enumerate(leaves)}
+
+
+def _from_leaf_dict(like: Any, d: dict[str, Any]) -> Any:
+    treedef = jax.tree.structure(like)
+    return jax.tree.unflatten(treedef, [jnp.asarray(d[f"{i:06d}"]) for i in range(treedef.num_leaves)])
+
+
+def load_trained_leaves(out: str | Path, step: int | None = None) -> tuple[int, list[np.ndarray]]:
+    """(step, trainable leaves in tree order) of a run's latest (or given) orbax checkpoint."""
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager((Path(out) / "checkpoints").resolve())
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{out} has no training checkpoint")
+    got = mngr.restore(step, args=ocp.args.StandardRestore())
+    mngr.close()
+    t = got["trainable"]
+    return step, [np.asarray(t[k]) for k in sorted(t)]
+
+
+# ------------------------------------------------------------------------------------- export
+def export(out: Path, method: str, model_dir: Path, model: nnx.Module, model_cfg: Any, lora: tuple[int, float],
+           meta: dict[str, Any]) -> None:
+    """Write the final loadable checkpoint into `out` (files replaced one by one, config.json last).
+
+    qeft   the source quantized checkpoint with its weak columns replaced (write_quantized)
+    full   a plain fp checkpoint (source dtypes)
+    lora   a plain fp checkpoint with every adapter merged into its weight
+    qlora  the unchanged quantized base + adapter_model.safetensors/adapter_config.json
+           (train.lora.load_with_adapters reads it)
+    """
+    from qeft_jax.io import SafetensorsReader, tokenizer_files, write_checkpoint
+
+    tmp = out / ".export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = tokenizer_files(model_dir)
+    if method in ("qeft", "qlora"):
+        from qeft_jax.quant.checkpoint import read_quantized, write_quantized
+
+        info, _, tensors = read_quantized(model_dir, model_cfg)
+        qmeta = {k: v for k, v in info.items() if k not in ("format_version", "sha256")}
+        if method == "qeft":
+            tensors = dict(tensors)
+            for path, var in nnx.to_flat_state(nnx.state(model, trainable_filter("qeft"))):
+                name = ".".join(str(p) for p in path)
+                tensors[name] = np.asarray(var[...], np.float32).astype(tensors[name].dtype)
+            qmeta["finetune"] = meta
+            write_quantized(tmp, model_cfg, tensors, qmeta, tok)
+        else:
+            from train.lora import save_adapters
+
+            for f in ("model.safetensors", "quantization.json", "config.json"):
+                shutil.copyfile(model_dir / f, tmp / f)
+            for n, b in tok.items():
+                (tmp / n).write_bytes(b)
+            save_adapters(tmp, model, rank=lora[0], alpha=lora[1], meta={"finetune": meta})
+    else:
+        from qeft_jax.model import flat_params
+        from train.lora import merged_fp_tensors
+
+        tensors = merged_fp_tensors(model) if method == "lora" else {
+            k: np.asarray(v, np.float32) for k, v in flat_params(model).items()}
+        reader = SafetensorsReader([model_dir / "model.safetensors"])
+        src_dtype = {k: reader.get(k).dtype for k in tensors if k in reader}
+        tensors = {k: v.astype(src_dtype.get(k, np.float32)) for k, v in tensors.items()}
+        write_checkpoint(tmp, model_cfg.to_hf_dict(), tensors, extra_files=tok,
+                         extra_json={"finetune.json": meta})
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in [f for f in files if f != "config.json"] + ["config.json"]:
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------- loop
+def _check_config(out: Path, record: dict[str, Any]) -> None:
+    path = out / "train_config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in RESUME_KEYS if old.get(k) != record.get(k)]
+        if diff:
+            raise ValueError(f"{out} holds a run with a different configuration ({', '.join(diff)}: "
+                             + "; ".join(f"{k} was {old.get(k)!r}, now {record.get(k)!r}" for k in diff[:4])
+                             + "); use a new --out or --overwrite")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "train_config.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop records past `step` (written after the checkpoint we resume from)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume, or find complete) the fine-tune described by `cfg`. Returns a summary.
+
+    `tokenizer` overrides the model's own; `on_step(step, metrics)` is called after each step
+    (raising KeyboardInterrupt there behaves like Ctrl-C: the state is saved, the run can resume).
+    """
+    from qeft_jax.load import resolve
+
+    out = Path(cfg.out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    model_dir = resolve(cfg.model)
+    dtype = compute_dtype(cfg.dtype)
+    model, tok, model_cfg, info = build_model(model_dir, cfg.method, dtype=dtype, lora_rank=cfg.lora_rank,
+                                              lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+    tokenizer = tokenizer if tokenizer is not None else tok
+    train_rows, val_rows = prepare_data(cfg, tokenizer, model_cfg.vocab_size)
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.method, info["k"])
+    steps = cfg.steps or max(1, math.ceil(len(train_rows) * cfg.epochs / cfg.batch_size))
+    record = {**dataclasses.asdict(cfg), "model_dir": str(model_dir), "resolved_lr": lr,
+              "resolved_steps": steps, "data_sha256": data_fingerprint(train_rows, val_rows),
+              "train_rows": len(train_rows), "val_rows": len(val_rows) if val_rows is not None else 0,
+              "compute_dtype": jnp.dtype(dtype).name, "backend": jax.default_backend(),
+              "jax_version": jax.__version__}
+    _check_config(out, record)
+    done = out / "train_done.json"
+    if done.is_file() and json.loads(done.read_text()).get("step") == steps:
+        summary = json.loads(done.read_text())
+        if cfg.progress:
+            print(f"{out}: already complete ({steps} steps)")
+        return summary
+
+    graphdef, trainable, frozen = split_trainable(model, cfg.method)
+    tx, sched = make_optimizer(lr, cfg)
+    opt_state = tx.init(trainable)
+    train_step, eval_sums = step_fns(graphdef, lr, cfg)
+    ckpt = Checkpoints(out / "checkpoints", cfg.keep)
+    metrics_path = out / "metrics.jsonl"
+    start = ckpt.latest() or 0
+    if start:
+        trainable, opt_state = ckpt.restore(start, trainable, opt_state)
+        _trim_metrics(metrics_path, start)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    accum = cfg.batch_size // cfg.micro_batch_size
+    weights_all = train_rows.loss_weights()
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+    n_opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(opt_state))
+
+    def evaluate(trainable) -> float:
+        rows = val_rows.take(np.arange(min(len(val_rows), cfg.eval_rows)))
+        w = rows.loss_weights()
+        tot, cnt = 0.0, 0.0
+        mb = cfg.micro_batch_size
+        for i in range(0, len(rows), mb):
+            t, ww = rows.tokens[i:i + mb], w[i:i + mb]
+            if len(t) < mb:  # keep one compiled shape: pad with zero-weight rows
+                t = np.concatenate([t, np.zeros((mb - len(t), t.shape[1]), t.dtype)])
+                ww = np.concatenate([ww, np.zeros((mb - len(ww), ww.shape[1]), ww.dtype)])
+            s, c = eval_sums(trainable, frozen, jnp.asarray(t), jnp.asarray(ww))
+            tot, cnt = tot + float(s), cnt + float(c)
+        return tot / max(cnt, 1.0)
+
+    bar = tqdm(total=steps, initial=start, desc=f"train ({cfg.method})", disable=not cfg.progress,
+               dynamic_ncols=True)
+    step = start
+    last_loss = float("nan")
+    t_run = time.time()
+    try:
+        with open(metrics_path, "a") as mf:
+            while step < steps:
+                idx = tdata.rows_for_step(len(train_rows), cfg.batch_size, cfg.seed, step)
+                tokens = train_rows.tokens[idx].reshape(accum, cfg.micro_batch_size, cfg.seq_len)
+                weights = weights_all[idx].reshape(accum, cfg.micro_batch_size, cfg.seq_len)
+                t0 = time.time()
+                trainable, opt_state, m = train_step(trainable, opt_state, frozen, jnp.asarray(tokens),
+                                                     jnp.asarray(weights))
+                loss, gnorm, ok = float(m["loss"]), float(m["grad_norm"]), bool(m["ok"])
+                dt = time.time() - t0
+                if not ok:
+                    ckpt.save(step, trainable, opt_state)  # the state before this step: still good
+                    raise NonFiniteLoss(
+                        f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}; stopped. "
+                        f"The last good state (after step {step}) is saved in {out / 'checkpoints'}; "
+                        f"lower the learning rate or check the data, then rerun into a new --out")
+                step += 1
+                last_loss = loss
+                rec = {"step": step, "loss": loss, "grad_norm": gnorm, "lr": float(sched(step - 1)),
+                       "targets": int(m["targets"]), "tokens": int(tokens.size), "step_s": round(dt, 4),
+                       "tok_per_s": round(tokens.size / dt, 1)}
+                if val_rows is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
+                    rec["eval_loss"] = evaluate(trainable)
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tok_per_s']:.0f}",
+                                **({"eval": f"{rec['eval_loss']:.4f}"} if "eval_loss" in rec else {}))
+                bar.update(1)
+                if step % cfg.save_every == 0 or step == steps:
+                    ckpt.save(step, trainable, opt_state)
+                if on_step is not None:
+                    on_step(step, rec)
+    except KeyboardInterrupt:
+        ckpt.save(step, trainable, opt_state)
+        ckpt.close()
+        bar.close()
+        raise
+    bar.close()
+    ckpt.close()
+
+    nnx.update(model, jax.tree.map(lambda t, f: t.astype(f.dtype), trainable,
+                                   nnx.state(model, trainable_filter(cfg.method))))
+    meta = {"method": cfg.method, "steps": steps, "lr": lr, "seed": cfg.seed, "data": cfg.data,
+            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "base": str(model_dir)}
+    export(out, cfg.method, model_dir, model, model_cfg, (cfg.lora_rank, cfg.lora_alpha), meta)
+    summary = {"step": steps, "method": cfg.method, "final_loss": last_loss, "trainable_params": n_params,
+               "optimizer_state_elems": n_opt, "train_rows": len(train_rows), "seconds_this_run":
+               round(time.time() - t_run, 2), "out": str(out)}
+    tmp = out / "train_done.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, done)
+    return summary
