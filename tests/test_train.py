@@ -333,3 +333,23 @@ def test_merge_into_fp_target_changes_exactly_weak_columns(qdirs, qeft_run, tmp_
         expect[np.ix_(rows, weak_orig)] = delta
         np.testing.assert_allclose(diff, expect, atol=1e-6, rtol=1e-5)
         assert np.count_nonzero(diff) > 0.9 * delta.size
+
+
+def test_remat_matches_plain_step(qdirs):
+    from train.trainer import TrainConfig, build_model, make_optimizer, make_step_fns, split_trainable
+
+    _, q = qdirs
+    model, _, _, _ = build_model(q, "qeft", dtype=jnp.float32, lora_rank=4, lora_alpha=8, seed=0)
+    graphdef, trainable, frozen = split_trainable(model, "qeft")
+    tx, _ = make_optimizer(1e-3, TrainConfig(model="", out=""))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 1, 16)), jnp.int32)
+    weights = jnp.ones(tokens.shape, jnp.float32)
+    outs = []
+    for remat in (False, True):
+        step, _ = make_step_fns(graphdef, tx, remat)
+        tr = jax.tree.map(jnp.copy, trainable)
+        new, _, m = step(tr, tx.init(tr), frozen, tokens, weights)
+        outs.append((float(m["loss"]), jax.tree.leaves(new)))
+    assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -9,6 +9,8 @@ model.safetensors holds
   qeft.hidden_perm              int32 [D]   reordered channel c holds original channel hidden_perm[c]
   qeft.layers.{i}.ffn_perm      int32 [F]   the same for layer i's FFN dimension
 quantization.json: format_version, recipe, calibration settings, sha256 of model.safetensors.
+selection.safetensors (QEFT only): attn_lambda / ffn_lambda [layers, hidden], the per-layer
+  sensitivities λ = diag(H) that Algorithm 1 voted with (original channel order; for plots).
 """
 from __future__ import annotations
 

@@ -89,14 +89,19 @@ def _weak_indices(recipe: QuantRecipe, t: dict[str, np.ndarray], hs: dict[str, n
 
 
 def select_global_index(reader: SafetensorsReader, cfg: LlamaConfig, x: np.ndarray, k: int, *,
-                        batch_size: int, progress: bool) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Pass 1 (fp model): per-layer λ = diag(H) of q/k/v/gate/up inputs, then Algorithm 1."""
-    sens: list[np.ndarray] = []
+                        batch_size: int, progress: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Pass 1 (fp model): per-layer λ = diag(H) of q/k/v/gate/up inputs, then Algorithm 1.
+
+    Returns the global index and λ per block ('attn_lambda', 'ffn_lambda': [layers, hidden],
+    original channel order) for inspection and plots."""
+    attn, ffn = [], []
     for i in tqdm(range(cfg.num_hidden_layers), desc="selecting weak channels", disable=not progress):
         layer = build_layer(cfg, _read_layer(reader, cfg, i))
         x, stats = run_block(layer, x, cfg, batch_size=batch_size, stats="diag")
-        sens += [stats["attn"]] * 3 + [stats["ffn"]] * 2  # q, k, v, gate, up
-    return global_weak_index(sens, k), sens
+        attn.append(stats["attn"])
+        ffn.append(stats["ffn"])
+    votes = [s for a, f in zip(attn, ffn) for s in (a, a, a, f, f)]  # q, k, v, gate, up
+    return global_weak_index(votes, k), {"attn_lambda": np.stack(attn), "ffn_lambda": np.stack(ffn)}
 
 
 def _read_layer(reader: SafetensorsReader, cfg: LlamaConfig, i: int) -> dict[str, np.ndarray]:
@@ -135,11 +140,12 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
 
     d = cfg.hidden_size
     work = ResumeState(out, _run_key(src, recipe, calib_ids, batch_size))
-    sens: list[np.ndarray] = []
     if work.global_idx is not None:
         global_idx = work.global_idx
     elif recipe.weak == "global" and recipe.k:
-        global_idx, sens = select_global_index(reader, cfg, x0, recipe.k, batch_size=batch_size, progress=progress)
+        global_idx, selection = select_global_index(reader, cfg, x0, recipe.k, batch_size=batch_size,
+                                                    progress=progress)
+        work.save_selection(selection)
     else:
         global_idx = np.zeros(0, np.int32)
     work.save_global_idx(global_idx)
@@ -193,9 +199,8 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
                "seq_len": int(calib_ids.shape[1])}, "global_weak_index": [int(v) for v in global_idx],
                "source": str(src), "seconds": round(time.time() - t0, 2), **(meta or {})}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_quantized(tmp, cfg, tensors, summary, tokenizer_files(src))
+        write_quantized(tmp, cfg, tensors, summary, {**tokenizer_files(src), **work.extra_files()})
     work.clear()
-    summary["sensitivity"] = sens
     return summary
 
 
@@ -249,6 +254,16 @@ class ResumeState:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.global_idx = np.asarray(idx, np.int32)
         self._write_state()
+
+    def save_selection(self, stats: dict[str, np.ndarray]) -> None:
+        """Per-layer sensitivities of pass 1, shipped in the checkpoint as selection.safetensors."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._atomic(self.dir / "selection.safetensors", lambda p: save_file(
+            {k: np.ascontiguousarray(v, np.float32) for k, v in stats.items()}, str(p)))
+
+    def extra_files(self) -> dict[str, bytes]:
+        f = self.dir / "selection.safetensors"
+        return {f.name: f.read_bytes()} if f.is_file() else {}
 
     def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: np.ndarray) -> None:
         self._atomic(self.dir / f"block_{i}.safetensors", lambda p: save_file(
