@@ -26,6 +26,7 @@ def calibration_ids(tokenizer, *, samples: int, seq_len: int, seed: int, data: s
 
 
 def main(argv: list[str] | None = None) -> None:
+    from qeft_jax.config import LlamaConfig
     from qeft_jax.load import load_tokenizer, resolve
     from qeft_jax.quant.pipeline import quantize_checkpoint
     from qeft_jax.quant.recipes import make_recipe
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     k = a.k if a.method in ("qeft", "owq") else 0
     recipe = make_recipe(a.method, bits=a.bits, group_size=a.group_size, k=k, act_order=a.act_order)
     src = resolve(a.model)
+    cfg = LlamaConfig.from_json_file(src / "config.json")
+    if a.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
     ids = calibration_ids(load_tokenizer(src), samples=a.calib_samples, seq_len=a.seq_len, seed=a.seed,
                           data=a.calib_data)
     t0 = time.time()

@@ -1,10 +1,10 @@
 """Shared fixtures: tiny random Llamas built and saved by transformers, and the default model."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -59,3 +59,24 @@ def default_model_dir():
     from qeft_jax.load import default_model_dir as fetch
 
     return fetch()
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(converted, tmp_path_factory):
+    """A tiny converted model plus a word-level tokenizer, and a calibration text file."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("resume")
+    model = root / "model"
+    shutil.copytree(converted["llama3_rope_bias"], model)
+    words = [f"w{i}" for i in range(90)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<eos>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(model)
+    rng = np.random.default_rng(0)
+    data = root / "calib.txt"
+    data.write_text("\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(10)))
+    return model, data

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,27 +18,6 @@ def _cmd(model: Path, out: Path, data: Path) -> list[str]:
     return [sys.executable, "-m", "qeft_jax.quantize", "--model", str(model), "--method", "qeft",
             "--bits", "4", "--group-size", "16", "--k", "4", "--calib-samples", "4", "--seq-len", "32",
             "--calib-data", str(data), "--batch-size", "1", "--out", str(out)]
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(converted, tmp_path_factory):
-    """A tiny converted model plus a word-level tokenizer, and a calibration text file."""
-    import shutil
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("resume")
-    model = root / "model"
-    shutil.copytree(converted["llama3_rope_bias"], model)
-    words = [f"w{i}" for i in range(90)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<eos>"] + words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(model)
-    rng = np.random.default_rng(0)
-    data = root / "calib.txt"
-    data.write_text("\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(10)))
-    return model, data
 
 
 def test_kill_and_resume_quantize_gives_same_checkpoint(tiny_with_tokenizer, tmp_path):

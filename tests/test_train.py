@@ -352,4 +352,4 @@ def test_remat_matches_plain_step(qdirs):
         outs.append((float(m["loss"]), jax.tree.leaves(new)))
     assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-6)
     for a, b in zip(outs[0][1], outs[1][1]):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-6)  # Adam step ~ lr = 1e-3
