@@ -237,3 +237,41 @@ def test_bad_input_cli_subprocess_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
     assert "is not a directory" in proc.stderr
+
+
+def test_corrupt_write_midway_leaves_previous_checkpoint(converted, tmp_path, monkeypatch):
+    """A crash in the middle of writing (simulated) leaves the old checkpoint intact and loadable."""
+    import qeft_jax.io as qio
+    from convert import from_hf
+    from qeft_jax import load_model
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(converted["gqa_untied"], out)
+    before = (out / "model.safetensors").read_bytes()
+    real_save = qio.save_file
+
+    def crash_after_partial_write(tensors, path, metadata=None):
+        real_save(dict(list(tensors.items())[:3]), path, metadata=metadata)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(qio, "save_file", crash_after_partial_write)
+    with pytest.raises(OSError, match="simulated"):
+        from_hf.convert(converted["mha_tied"], out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")], "temp dir left behind"
+    load_model(out)
+
+
+def test_bad_input_no_unsafe_loading_in_source():
+    """No pickle anywhere; torch.load only with weights_only=True."""
+    offenders = []
+    for path in REPO.rglob("*.py"):
+        if any(part.startswith(".") or part in ("tests", "build") for part in path.relative_to(REPO).parts):
+            continue
+        text = path.read_text()
+        if "import pickle" in text or "pickle.load" in text:
+            offenders.append(f"{path}: pickle")
+        for line in text.splitlines():
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path}: {line.strip()}")
+    assert not offenders, offenders
