@@ -61,9 +61,9 @@ def main() -> None:
     fp16_bytes = 2 * sum(int(np.prod(shape)) for shape in _fp_linear_shapes(src).values())
     rows = [("fp", 16, "-", fp_ppl, fp16_bytes, 0.0)]  # the linears as fp16
     results = {"fp": fp_ppl}
-    configs = [(m, 4, 16) for m in ("rtn", "gptq", "owq", "qeft")] + [("qeft", 4, 32)]
+    configs = [(m, 4, 16) for m in ("rtn", "gptq", "owq", "qeft")]
     if not a.quick:
-        configs += [(m, 3, 16) for m in ("rtn", "gptq", "owq", "qeft")] + [("qeft", 3, 32)]
+        configs += [("qeft", 4, 32)] + [(m, 3, 16) for m in ("rtn", "gptq", "owq", "qeft")] + [("qeft", 3, 32)]
     del model
     with tempfile.TemporaryDirectory() as tmp:
         for method, bits, k in configs:
