@@ -3,6 +3,10 @@
 Quantizes an fp checkpoint with one of the paper's methods (rtn | gptq | owq | qeft). The output
 directory is a packed checkpoint that `eval perplexity`, `generate` and `convert.to_hf` accept; its
 quantization.json records the full recipe, calibration settings and timing.
+
+--devices N (0 = all) splits every calibration batch over N devices (data parallel, see
+qeft_jax/sharding.py; multi-host via the QEFT_COORDINATOR_ADDRESS / QEFT_NUM_PROCESSES /
+QEFT_PROCESS_ID environment variables). The default, 1, is the plain single-device run.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from qeft_jax.load import load_tokenizer, resolve
     from qeft_jax.quant.pipeline import quantize_checkpoint
     from qeft_jax.quant.recipes import make_recipe
+    from qeft_jax.sharding import make_mesh, maybe_initialize_distributed
 
     p = argparse.ArgumentParser(prog="python -m qeft_jax.quantize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,11 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--calib-data", default=None, help="a .txt/.jsonl file instead of the built-in corpus")
     p.add_argument("--act-order", action="store_true", help="OPTQ in decreasing Hessian-diagonal order")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per device batch")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="calibration sequences per batch (with --devices: the global batch, rounded up "
+                        "to a multiple of the device count)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="data-parallel calibration over this many devices (0 = all, 1 = single device)")
     p.add_argument("--seed", type=int, default=0, help="calibration sample selection seed")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     a = p.parse_args(argv)
+    if a.devices < 0:
+        p.error("--devices must be >= 0")
+    maybe_initialize_distributed()  # no-op unless the QEFT_* multi-host variables are set
+    mesh = None if a.devices == 1 else make_mesh(data=a.devices or None)
 
     out = Path(a.out)
     if out.exists() and any(out.iterdir()) and not a.overwrite:
@@ -66,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": {k_: v for k_, v in vars(a).items()}, "calibration_seed": a.seed,
             "calibration_data": a.calib_data or "boolq-wikipedia/calib"}
     summary = quantize_checkpoint(src, out, recipe, ids, batch_size=a.batch_size, overwrite=a.overwrite,
-                                  meta=meta)
+                                  meta=meta, mesh=mesh)
     print(f"quantized {src} with {a.method} ({a.bits}-bit, g={recipe.group_size or 'per-channel'}, "
           f"k={recipe.k}) in {time.time() - t0:.1f} s -> {out}")
     print(json.dumps({"out": str(out), "seconds": summary["seconds"], "recipe": summary["recipe"]}))

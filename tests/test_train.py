@@ -165,6 +165,10 @@ def test_qeft_trains_only_weak_columns(qdirs, qeft_run):
             continue
         assert before[k].dtype == after[k].dtype and np.array_equal(before[k], after[k]), k
     assert sum(not np.array_equal(before[k], after[k]) for k in weak) == len(weak)
+    from train.trainer import OWN_FILES
+
+    carried = [f.name for f in q.iterdir() if f.is_file() and f.name not in OWN_FILES]
+    assert all((out / n).read_bytes() == (q / n).read_bytes() for n in carried)  # e.g. selection.safetensors
     model, _, _ = load_model(out)  # the output is a loadable quantized checkpoint
     logits = model(jnp.zeros((1, 5), jnp.int32))
     assert logits.shape == (1, 5, VOCAB) and bool(jnp.all(jnp.isfinite(logits)))

@@ -1,0 +1,10 @@
+"""Fine-tuning: QEFT weak-column tuning and the LoRA / QLoRA / full baselines, instruction data
+and packing, and QEFT merging.
+
+  train.trainer  the loop (`TrainConfig`, `train`), checkpoints/resume, export
+  train.data     Alpaca/Open-Platypus jsonl, prompt formatting + response masks, packing, data order
+  train.lora     LoRA/QLoRA adapters, merging adapters into fp weights, saving/loading adapters
+  train.merge    QEFT merging (Δ of the weak columns into a quantized or fp target)
+
+CLIs: `python -m qeft_jax.train`, `python -m qeft_jax.merge`; benchmark: benchmarks/train_step.py.
+"""

@@ -25,6 +25,7 @@ from qeft_jax.config import LlamaConfig
 from qeft_jax.io import CheckpointError, SafetensorsReader, atomic_dir, tokenizer_files, write_checkpoint
 from qeft_jax.params import LINEAR_NAMES
 from qeft_jax.quant.checkpoint import read_quantized, write_quantized
+from train.trainer import aux_files
 
 HIDDEN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 
@@ -127,7 +128,7 @@ def merge(tuned: str | Path, base: str | Path, target: str | Path, out: str | Pa
         meta = {k: v for k, v in info.items() if k not in ("format_version", "sha256")}
         meta["merge"] = {"tuned": str(tuned), "base": str(base), "target": str(target)}
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            write_quantized(tmp, cfg, tx, meta, tokenizer_files(target))
+            write_quantized(tmp, cfg, tx, meta, {**aux_files(target), **tokenizer_files(target)})
         kind = "quantized"
     else:
         reader = SafetensorsReader([target / "model.safetensors"])
@@ -142,7 +143,7 @@ def merge(tuned: str | Path, base: str | Path, target: str | Path, out: str | Pa
             tensors[key] = w.astype(tensors[key].dtype)
         with atomic_dir(out, overwrite=overwrite) as tmp:
             write_checkpoint(tmp, json.loads((target / "config.json").read_text()), tensors,
-                             extra_files=tokenizer_files(target),
+                             extra_files={**aux_files(target), **tokenizer_files(target)},
                              extra_json={"merge.json": {"tuned": str(tuned), "base": str(base),
                                                         "target": str(target)}})
         kind = "fp"

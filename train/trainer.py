@@ -133,7 +133,9 @@ def build_model(model_dir: Path, method: str, *, dtype: Any, lora_rank: int, lor
     if method in ("lora", "full") and quantized:
         raise ValueError(f"--method {method} trains the fp model; {model_dir} is a quantized checkpoint "
                          f"(use --method qeft or qlora)")
-    model, tok, cfg = load_model(model_dir, dtype=dtype, param_dtype=dtype)
+    # fp methods export every tensor: keep the frozen fp params in float32 so none is rounded
+    param_dtype = jnp.float32 if method in ("lora", "full") else dtype
+    model, tok, cfg = load_model(model_dir, dtype=dtype, param_dtype=param_dtype)
     k = 0
     if quantized:
         k = int(json.loads((model_dir / "quantization.json").read_text())["recipe"]["k"])
@@ -333,6 +335,19 @@ def load_trained_leaves(out: str | Path, step: int | None = None) -> tuple[int, 
 
 
 # ------------------------------------------------------------------------------------- export
+OWN_FILES = ("model.safetensors", "quantization.json", "config.json", "train_config.json", "metrics.jsonl",
+             "train_done.json", "finetune.json", "merge.json", "adapter_model.safetensors",
+             "adapter_config.json")
+
+
+def aux_files(src: Path) -> dict[str, bytes]:
+    """Other files a checkpoint carries (e.g. selection.safetensors, generation_config.json) that an
+    output derived from it keeps; not the tensors/config we rewrite nor a training run's own files."""
+    return {f.name: f.read_bytes() for f in sorted(src.iterdir())
+            if f.is_file() and not f.name.startswith(".") and f.name not in OWN_FILES
+            and not f.name.endswith(".tmp")}
+
+
 def export(out: Path, method: str, model_dir: Path, model: nnx.Module, model_cfg: Any, lora: tuple[int, float],
            meta: dict[str, Any]) -> None:
     """Write the final loadable checkpoint into `out` (files replaced one by one, config.json last).
@@ -348,7 +363,7 @@ def export(out: Path, method: str, model_dir: Path, model: nnx.Module, model_cfg
     tmp = out / ".export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = tokenizer_files(model_dir)
+    tok = {**aux_files(model_dir), **tokenizer_files(model_dir)}
     if method in ("qeft", "qlora"):
         from qeft_jax.quant.checkpoint import read_quantized, write_quantized
 

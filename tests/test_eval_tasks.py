@@ -1,0 +1,333 @@
+"""Multiple-choice task scoring (qeft_jax.eval.tasks) and the lm-eval adapter, on a tiny model.
+
+The reference for every score runs the model once per request on the unpadded sequence and
+takes a float64 numpy log-softmax; the code under test pads, buckets, batches and jits.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qeft_jax import load_model
+from qeft_jax.eval import tasks as T
+
+NAME = "gqa_untied"  # vocab 101
+WORDS = ("<unk> <s> </s> the sky is blue red green grass sun hot cold water wet dry a an of and "
+         "question answer : . ? yes no it was very big small cat dog ran sat on mat tree high low "
+         "fire ice snow white black night day dark light sea deep").split()
+
+
+def word_tokenizer(with_bos: bool):
+    """A word-level tokenizer over WORDS (whitespace split), optionally adding <s> to text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if with_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>")
+
+
+def word_ids(text: str) -> list[int]:
+    return [WORDS.index(w) if w in WORDS else 0 for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(converted, tmp_path_factory):
+    """The converted tiny checkpoint plus the word tokenizer (no BOS), as one directory."""
+    out = tmp_path_factory.mktemp("tiny_tok") / NAME
+    shutil.copytree(converted[NAME], out)
+    word_tokenizer(with_bos=False).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model, tok, _ = load_model(tiny_dir)
+    return model, tok
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids):
+    return nnx.merge(graphdef, state)(ids)
+
+
+def reference_logprob(model, ctx_ids, cont_ids, max_length=None):
+    """log p(cont | ctx) from one unpadded forward pass [1, len], float64 log-softmax in numpy."""
+    seq = list(ctx_ids) + list(cont_ids)
+    if max_length is not None:
+        seq = seq[-(max_length + 1):]
+    logits = np.asarray(_logits(*nnx.split(model), jnp.asarray([seq[:-1]], jnp.int32))[0], np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    n = min(len(cont_ids), len(seq) - 1)
+    rows = np.arange(len(seq) - 1 - n, len(seq) - 1)
+    targets = np.asarray(seq[1:])[-n:]
+    greedy = bool(np.all(logits[rows].argmax(-1) == targets))
+    return float(logp[rows, targets].sum()), greedy
+
+
+REQUESTS = [
+    ("the sky is", " blue"),
+    ("the sky is", " red"),
+    ("the grass is", " green and wet"),
+    ("question : is ice cold ? answer :", " yes"),
+    ("the cat sat on the mat . " * 6 + "it was", " very big"),  # > 32 tokens: a second bucket
+    ("the sea is ", "deep"),   # trailing space moves to the continuation
+    ("", "the sun is hot"),    # empty context: conditioned on a prefix token
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenisation
+
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_encode_pair(with_bos):
+    tok = word_tokenizer(with_bos)
+    assert T.adds_bos(tok) is with_bos
+    pre = [1] if with_bos else []
+    assert T.encode_pair(tok, "the sky is", " blue") == (pre + word_ids("the sky is"), word_ids("blue"))
+    assert T.encode_pair(tok, "the sky is ", "blue") == (pre + word_ids("the sky is"), word_ids("blue"))
+    # empty context: BOS if the tokenizer adds one, else still BOS (the first of BOS / EOS it has)
+    assert T.encode_pair(tok, "", "the sun") == ([1], word_ids("the sun"))
+
+
+def test_encode_pair_real_tokenizer_leading_space(default_model_dir):
+    """The continuation is the tail of encode(context + continuation): ' Paris' stays one token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    ctx, cont = T.encode_pair(tok, "Question: capital of France?\nAnswer:", " Paris")
+    whole = tok("Question: capital of France?\nAnswer: Paris", add_special_tokens=False)["input_ids"]
+    assert ctx + cont == whole and tok.decode(cont) == " Paris"
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring against the unpadded reference
+
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_loglikelihoods_match_unpadded_reference(tiny, with_bos):
+    model, _ = tiny
+    tok = word_tokenizer(with_bos)
+    got = T.loglikelihoods(model, tok, REQUESTS, batch_size=3)
+    for (context, cont), (lp, greedy) in zip(REQUESTS, got):
+        c = context.rstrip()
+        ctx = ([1] if with_bos or not c else []) + word_ids(c)
+        ref, ref_greedy = reference_logprob(model, ctx, word_ids(cont))
+        assert lp == pytest.approx(ref, abs=1e-4), (context, cont)
+        assert greedy == ref_greedy
+
+
+def test_left_truncation_to_max_length(tiny):
+    model, tok = tiny
+    context, cont = "the cat sat on the mat . it was very big and the dog ran", " on the mat"
+    (lp, _), = T.loglikelihoods(model, tok, [(context, cont)], max_length=8)
+    ref, _ = reference_logprob(model, word_ids(context), word_ids(cont), max_length=8)
+    assert lp == pytest.approx(ref, abs=1e-4)
+    # a continuation longer than max_length: only its last max_length tokens are scored
+    (lp2, _), = T.score_tokens(model, [([3], list(range(3, 15)))], max_length=8)
+    ref2, _ = reference_logprob(model, [3], list(range(3, 15)), max_length=8)
+    assert lp2 == pytest.approx(ref2, abs=1e-4)
+    with pytest.raises(ValueError, match="max_length"):
+        T.score_tokens(model, [([3], [4])], max_length=10**6)
+
+
+def test_buckets_and_rows():
+    assert T.bucket_lengths(100) == [32, 64, 100]
+    assert T.bucket_lengths(2048)[-3:] == [512, 1024, 2048]
+    assert T.rows_for_bucket(8, 64) == 8 and T.rows_for_bucket(8, 1024) == 2
+    assert T.rows_for_bucket(1, 4096) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+def test_choice_metrics_hand_made():
+    # " a" (2 bytes) at -2.0 = -1.0 per byte; " bbbb" (5 bytes) at -4.0 = -0.8 per byte
+    assert T.choice_metrics([-2.0, -4.0], [" a", " bbbb"], gold=0) == (1.0, 0.0)
+    assert T.choice_metrics([-2.0, -4.0], [" a", " bbbb"], gold=1) == (0.0, 1.0)
+    # byte length, not characters: " é" is 3 bytes, so -2.4 -> -0.8 per byte beats " e" at -1.0
+    assert T.choice_metrics([-2.0, -2.4], [" e", " é"], gold=1) == (0.0, 1.0)
+    assert T.choice_metrics([-1.0, -1.0], [" x", " y"], gold=0) == (1.0, 1.0)  # ties: first index
+
+
+def test_score_questions_uses_the_reference_argmax(tiny):
+    model, tok = tiny
+    qs = [T.Question(("the sky is",) * 3, (" blue", " red", " green and wet"), gold=0, doc_id=0),
+          T.Question(("the sun is", "the snow is"), (" hot", " hot"), gold=1, doc_id=1),
+          T.Question(("it was",) * 2, (" day", " very dark"), gold=1, doc_id=2)]
+    res = T.score_questions(model, tok, qs, batch_size=2)
+    acc, norm = [], []
+    for q in qs:
+        lps = [reference_logprob(model, word_ids(c), word_ids(x))[0]
+               for c, x in zip(q.contexts, q.continuations)]
+        nbytes = [len(x.encode()) for x in q.continuations]
+        acc.append(int(np.argmax(lps)) == q.gold)
+        norm.append(int(np.argmax(np.array(lps) / nbytes)) == q.gold)
+    assert res == {"acc": pytest.approx(np.mean(acc)), "acc_norm": pytest.approx(np.mean(norm)), "n": 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# task data: winogrande, few-shot, names
+
+def test_winogrande_partial_scoring_questions():
+    qs = T.load_questions("winogrande", "eval", limit=3)
+    q = qs[0]
+    assert len(set(q.contexts)) == 2 and len(set(q.continuations)) == 1
+    assert q.contexts[0].endswith(" Sarah") and q.contexts[1].endswith(" Maria")
+    doc = {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+           "option1": "Sarah", "option2": "Maria", "answer": "2"}
+    a, b, gold = T.winogrande_requests(doc)
+    assert (a, b, gold) == ((q.contexts[0], q.continuations[0]), (q.contexts[1], q.continuations[1]), 1)
+    assert q.gold == 1
+
+
+def test_fewshot_prefix_is_seeded_per_question():
+    qs = T.load_questions("arc_easy", "eval", limit=3)
+    one = T.add_fewshot("arc_easy", qs, 2)
+    again = T.add_fewshot("arc_easy", qs[1:2], 2)  # does not depend on the other questions
+    assert one[1] == again[0]
+    ctx = one[0].contexts[0]
+    assert ctx.endswith("\n\n" + qs[0].contexts[0]) and ctx.count("\n\nQuestion:") == 2
+    assert one[0].contexts[0] != T.add_fewshot("arc_easy", qs[:1], 2, seed=7)[0].contexts[0]
+    assert T.add_fewshot("arc_easy", qs, 0) == qs
+    with pytest.raises(ValueError, match="no train split"):
+        T.add_fewshot("copa", T.load_questions("copa", limit=1), 1)
+
+
+def test_task_names():
+    names = T.available_tasks()
+    for t in ("arc_easy", "arc_challenge", "hellaswag", "winogrande", "piqa", "boolq"):
+        assert t in names and T.resolve_task(t) == [t]
+    with pytest.raises(ValueError, match="unknown task 'nope'; available tasks: .*arc_easy"):
+        T.resolve_task("nope")
+    if "mmlu" not in names:
+        with pytest.raises(ValueError, match="no mmlu or mmlu_\\* tasks"):
+            T.resolve_task("mmlu")
+
+
+def test_cli_tasks(tiny_dir, capsys):
+    from qeft_jax.eval.__main__ import main
+
+    main(["tasks", "--model", str(tiny_dir), "--tasks", "arc_easy,winogrande", "--limit", "3",
+          "--batch-size", "4"])
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert set(res) == {"arc_easy", "winogrande"} and res["arc_easy"]["n"] == 3
+    assert all(0.0 <= r[k] <= 1.0 for r in res.values() for k in ("acc", "acc_norm"))
+    assert any(line.startswith("arc_easy") for line in out[:-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# lm-eval adapter
+
+@pytest.fixture(scope="module")
+def adapter(tiny_dir):
+    pytest.importorskip("lm_eval")
+    from qeft_jax.eval.lm_eval_adapter import QeftJaxLM
+
+    return QeftJaxLM(pretrained=str(tiny_dir), batch_size=4)
+
+
+def _instances(kind, args_list):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(kind, {}, args, i, ("t", i, 1)) for i, args in enumerate(args_list)]
+
+
+def test_adapter_loglikelihood_and_rolling(adapter):
+    model = adapter.model
+    got = adapter.loglikelihood(_instances("loglikelihood", REQUESTS))
+    for (context, cont), (lp, greedy) in zip(REQUESTS, got):
+        c = context.rstrip()
+        ref, ref_greedy = reference_logprob(model, ([1] if not c else []) + word_ids(c), word_ids(cont))
+        assert lp == pytest.approx(ref, abs=1e-4) and greedy == ref_greedy
+    # rolling: every token predicted once, the first one after the prefix (BOS) token
+    text = "the cat sat on the mat . " * 3 + "it was very big"
+    adapter.max_length = 8  # several windows
+    try:
+        (lp,) = adapter.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]))
+    finally:
+        adapter.max_length = T._max_length(model, None)
+    seq = [1] + word_ids(text)
+    assert len(seq) > 17
+    ref = sum(reference_logprob(model, seq[:a], seq[a:a + 8], max_length=8)[0]
+              for a in range(1, len(seq), 8))  # windows of 8 predicted tokens, 8 tokens of input
+    assert lp == pytest.approx(ref, abs=1e-4)
+
+
+def test_adapter_generate_until(adapter):
+    from qeft_jax.generate import generate
+
+    model, tok = adapter.model, adapter.tokenizer
+    out = adapter.generate_until(_instances("generate_until", [
+        ("the sky is", {"until": ["\n\n"], "max_gen_toks": 6}),
+        ("the sun", {"until": "zzz", "max_gen_toks": 6}),
+    ]))
+    ids = generate(model, [word_ids("the sky is")], max_new_tokens=6, stop_tokens=(2,), pad_id=2)[0]
+    ids = ids[:-1] if ids and ids[-1] == 2 else ids
+    assert out[0] == tok.decode(ids, skip_special_tokens=True)
+    assert isinstance(out[1], str)
+    from qeft_jax.eval.lm_eval_adapter import cut_at_strings
+
+    assert cut_at_strings("a b. c\n\nd", ["\n\n", "."]) == "a b"
+
+
+def test_adapter_simple_evaluate_local_yaml_task(adapter, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    docs = [{"question": "the sky is", "choices": ["blue", "red", "green"], "label": 0},
+            {"question": "the sun is", "choices": ["hot", "cold"], "label": 0},
+            {"question": "snow is", "choices": ["black", "white"], "label": 1},
+            {"question": "the sea is", "choices": ["deep", "very dry"], "label": 0}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_mc.yaml").write_text(textwrap.dedent(f"""\
+        task: qeft_tiny_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {tmp_path / 'docs.jsonl'}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+          - metric: acc_norm
+            aggregation: mean
+            higher_is_better: true
+        """))
+    tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=adapter, tasks=["qeft_tiny_mc"], task_manager=tm,
+                                  bootstrap_iters=0, log_samples=False)
+    res = out["results"]["qeft_tiny_mc"]
+    qs = [T.Question((d["question"],) * len(d["choices"]), tuple(" " + c for c in d["choices"]),
+                     d["label"], i) for i, d in enumerate(docs)]
+    ours = T.score_questions(adapter.model, adapter.tokenizer, qs)
+    assert res["acc,none"] == pytest.approx(ours["acc"])
+    assert res["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+
+
+def test_adapter_is_registered():
+    pytest.importorskip("lm_eval")
+    import qeft_jax.eval.lm_eval_adapter as adapter_mod
+    from lm_eval.api.registry import get_model
+
+    assert get_model("qeft-jax") is adapter_mod.QeftJaxLM

@@ -1,0 +1,228 @@
+"""Data-parallel calibration over a device mesh matches the single-device run.
+
+The multi-device checks need XLA_FLAGS=--xla_force_host_platform_device_count=4 before JAX starts,
+so they run in a subprocess that prints JSON; the pytest process itself keeps its single device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+N_DEV = 4
+
+# Runs with 4 fake CPU devices: run_block (single device vs mesh) on a real tiny block, then a whole
+# quantization twice (mesh=None and mesh over 4 devices) into argv[2]/single and argv[2]/mesh.
+CHILD = textwrap.dedent(r"""
+    import json, sys, time
+    T0 = time.time()
+    from pathlib import Path
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import numpy as np
+    from flax import nnx
+    from qeft_jax.config import LlamaConfig
+    from qeft_jax.io import SafetensorsReader
+    from qeft_jax.model import rope_inv_freq
+    from qeft_jax.quant import calibrate
+    from qeft_jax.quant.calibrate import build_layer, run_block
+    from qeft_jax.quant.pipeline import _read_layer, quantize_checkpoint
+    from qeft_jax.quant.recipes import make_recipe
+    from qeft_jax import sharding as shd
+
+    src, out = Path(sys.argv[1]), Path(sys.argv[2])
+    res = {"devices": len(jax.devices())}
+    mesh = shd.make_mesh()
+    res["mesh"] = {k: int(v) for k, v in mesh.shape.items()}
+    cfg = LlamaConfig.from_json_file(src / "config.json")
+    layer = build_layer(cfg, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
+    x = np.random.default_rng(1).standard_normal((10, 16, cfg.hidden_size)).astype(np.float32)
+
+    def rel(a, b):
+        return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+    checks = []
+    for stats in ("diag", "full"):
+        for bs in (4, 3, 1):  # 10 = 4+4+2 (padded), 3 -> rounded up to 4, 1 -> 4
+            y1, h1 = run_block(layer, x, cfg, batch_size=4, stats=stats)
+            y4, h4 = run_block(layer, x, cfg, batch_size=bs, stats=stats, mesh=mesh)
+            assert y4.shape == y1.shape and h4.keys() == h1.keys()
+            checks.append({"stats": stats, "batch": bs, "y_rel": rel(y4, y1),
+                           "h_rel": max(rel(h4[k], h1[k]) for k in h1),
+                           "h_close": all(bool(np.allclose(h4[k], h1[k], rtol=1e-5, atol=1e-6 * np.abs(h1[k]).max()))
+                                          for k in h1),
+                           "y_close": bool(np.allclose(y4, y1, rtol=1e-5, atol=1e-5 * np.abs(y1).max()))})
+    res["run_block"] = checks
+
+    # the compiled sharded pass really splits the batch and all-reduces the Hessians
+    graphdef, state = nnx.split(layer)
+    rep = shd.replicated(mesh)
+    xb, w = shd.shard_batch(x[:4], mesh), shd.shard_batch(np.ones(4, np.float32), mesh)
+    comp = calibrate._run_block.lower(graphdef, jax.device_put(state, rep), xb,
+                                      jax.device_put(rope_inv_freq(cfg), rep), "full", w,
+                                      (shd.data_sharding(mesh), rep)).compile()
+    y, h = comp(jax.device_put(state, rep), xb, jax.device_put(rope_inv_freq(cfg), rep), w)
+    res["all_reduce_in_hlo"] = "all-reduce" in comp.as_text()
+    res["x_shards"] = len(xb.addressable_shards)
+    res["x_shard_rows"] = sorted({s.data.shape[0] for s in xb.addressable_shards})
+    res["h_replicated"] = all(v.sharding.is_fully_replicated for v in h.values())
+    res["y_spec_0"] = y.sharding.spec[0]  # the batch axis of the block output
+
+    calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (10, 32))
+    recipe = make_recipe("qeft", bits=4, group_size=16, k=4)
+    for name, m in (("single", None), ("mesh", mesh)):  # results under quant_single, quant_mesh
+        t = time.time()
+        s = quantize_checkpoint(src, out / name, recipe, calib, batch_size=4, progress=False, mesh=m)
+        res["quant_" + name] = {"global_weak_index": s["global_weak_index"], "seconds": time.time() - t}
+    res["child_seconds"] = time.time() - T0
+    print("RESULT " + json.dumps(res))
+""")
+
+
+@pytest.fixture(scope="module")
+def child(converted, tmp_path_factory):
+    src = converted["mha_tied"]
+    out = tmp_path_factory.mktemp("sharding")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={N_DEV}"}
+    p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return src, out, json.loads(line[len("RESULT "):])
+
+
+def test_mesh_really_spans_four_devices(child):
+    _, _, res = child
+    print("child timings:", res["child_seconds"], res["quant_single"]["seconds"], res["quant_mesh"]["seconds"],
+          [(c["stats"], c["batch"], c["y_rel"], c["h_rel"]) for c in res["run_block"]])
+    assert res["devices"] == N_DEV and res["mesh"] == {"data": N_DEV, "model": 1}
+    assert res["x_shards"] == N_DEV and res["x_shard_rows"] == [1]  # a batch of 4 -> 1 sequence each
+    assert res["all_reduce_in_hlo"] and res["h_replicated"]
+    assert res["y_spec_0"] == "data"
+
+
+def test_sharded_run_block_matches_single_device(child):
+    _, _, res = child
+    for c in res["run_block"]:
+        assert c["y_close"] and c["h_close"], c
+        assert c["y_rel"] < 1e-5 and c["h_rel"] < 1e-5, c
+
+
+def test_sharded_quantization_matches_single_device(child):
+    from safetensors.numpy import load_file
+
+    from qeft_jax import load_model
+    from qeft_jax.quant.pack import unpack_codes
+
+    src, out, res = child
+    assert res["mesh"]["data"] == N_DEV
+    assert res["quant_single"]["global_weak_index"] == res["quant_mesh"]["global_weak_index"]
+    a, b = load_file(out / "single" / "model.safetensors"), load_file(out / "mesh" / "model.safetensors")
+    assert a.keys() == b.keys()
+    bits = 4
+    same = total = 0
+    for k in a:
+        if k.endswith(".qweight"):  # padding fields of the last word are 0 in both
+            ca = np.asarray(unpack_codes(jnp.asarray(a[k]), bits, a[k].shape[1] * 32 // bits))
+            cb = np.asarray(unpack_codes(jnp.asarray(b[k]), bits, b[k].shape[1] * 32 // bits))
+            same += int((ca == cb).sum())
+            total += ca.size
+        elif a[k].dtype.kind in "iu" or k.endswith("perm"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # weak_idx, permutations
+    assert total > 0 and same / total >= 0.999, (same, total)
+
+    cfg = json.loads((src / "config.json").read_text())
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, cfg["vocab_size"], (2, 24)))
+    la = np.asarray(load_model(out / "single")[0](ids), np.float64)
+    lb = np.asarray(load_model(out / "mesh")[0](ids), np.float64)
+    assert np.linalg.norm(lb - la) / np.linalg.norm(la) < 1e-3
+
+
+# ---------------------------------------------------------------- in-process (one device)
+
+def test_padding_weights_drop_copies(converted):
+    """A batch padded with zero-weighted copies gives the statistics of the unpadded batch."""
+    from flax import nnx
+
+    from qeft_jax.config import LlamaConfig
+    from qeft_jax.io import SafetensorsReader
+    from qeft_jax.model import rope_inv_freq
+    from qeft_jax.quant.calibrate import _run_block, build_layer
+    from qeft_jax.quant.pipeline import _read_layer
+
+    src = converted["mha_tied"]
+    cfg = LlamaConfig.from_json_file(src / "config.json")
+    layer = build_layer(cfg, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 1))
+    graphdef, state = nnx.split(layer)
+    x = np.random.default_rng(2).standard_normal((3, 8, cfg.hidden_size)).astype(np.float32)
+    padded = np.concatenate([x, x[:1]])
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    for stats in ("diag", "full"):
+        y, h = _run_block(graphdef, state, jnp.asarray(x), inv, stats)
+        yp, hp = _run_block(graphdef, state, jnp.asarray(padded), inv, stats, jnp.asarray([1.0, 1, 1, 0]))
+        np.testing.assert_allclose(np.asarray(yp)[:3], np.asarray(y), rtol=1e-6, atol=1e-6)
+        for k in h:
+            np.testing.assert_allclose(np.asarray(hp[k]), np.asarray(h[k]), rtol=1e-5,
+                                       atol=1e-6 * float(np.abs(h[k]).max()))
+
+
+def test_one_device_mesh_matches_plain(converted):
+    from qeft_jax.config import LlamaConfig
+    from qeft_jax.io import SafetensorsReader
+    from qeft_jax.quant.calibrate import build_layer, run_block
+    from qeft_jax.quant.pipeline import _read_layer
+    from qeft_jax.sharding import make_mesh
+
+    src = converted["gqa_untied"]
+    cfg = LlamaConfig.from_json_file(src / "config.json")
+    layer = build_layer(cfg, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
+    x = np.random.default_rng(3).standard_normal((5, 8, cfg.hidden_size)).astype(np.float32)
+    y, h = run_block(layer, x, cfg, batch_size=2, stats="full")
+    ym, hm = run_block(layer, x, cfg, batch_size=2, stats="full", mesh=make_mesh(devices=jax.devices()[:1]))
+    np.testing.assert_allclose(ym, y, rtol=1e-6, atol=1e-6)
+    for k in h:
+        np.testing.assert_allclose(hm[k], h[k], rtol=1e-5, atol=1e-7)
+
+
+def test_make_mesh_validates():
+    from qeft_jax.sharding import data_sharding, make_mesh, replicated
+
+    n = len(jax.devices())
+    mesh = make_mesh()
+    assert mesh.shape == {"data": n, "model": 1}
+    assert data_sharding(mesh).spec == jax.sharding.PartitionSpec("data")
+    assert replicated(mesh).is_fully_replicated
+    with pytest.raises(ValueError):
+        make_mesh(data=n + 1)
+    with pytest.raises(ValueError):
+        make_mesh(model=0)
+    with pytest.raises(ValueError):
+        make_mesh(data=1, model=1, devices=jax.devices() * 2)
+
+
+def test_maybe_initialize_distributed_env(monkeypatch):
+    from qeft_jax import sharding
+
+    for k in (sharding.ENV_ADDRESS, sharding.ENV_NUM, sharding.ENV_ID, sharding.ENV_AUTO):
+        monkeypatch.delenv(k, raising=False)
+    assert sharding.maybe_initialize_distributed() is False  # single host: nothing to do
+    monkeypatch.setenv(sharding.ENV_ADDRESS, "localhost:12345")
+    with pytest.raises(ValueError, match="missing"):
+        sharding.maybe_initialize_distributed()
+    monkeypatch.setenv(sharding.ENV_NUM, "2")
+    monkeypatch.setenv(sharding.ENV_ID, "2")
+    with pytest.raises(ValueError, match="must lie in"):
+        sharding.maybe_initialize_distributed()
+    monkeypatch.setenv(sharding.ENV_NUM, "1")
+    monkeypatch.setenv(sharding.ENV_ID, "0")
+    assert sharding.maybe_initialize_distributed() is False  # one process: no coordinator needed
