@@ -4,7 +4,8 @@
 
 Both sides score the same questions (qeft_jax.eval.tasks.load_questions) with the same recipe: the
 continuation is the tail of encode(context + continuation) after encode(context), the sum of its
-token log-probabilities is compared across choices (acc), or that sum per UTF-8 byte (acc_norm).
+token log-probabilities is compared across choices (acc), or that sum per character of the choice
+without its leading space (acc_norm, as lm-eval).
 The transformers side tokenises on its own and runs each request unpadded, one at a time, with
 AutoModelForCausalLM in float32. Prints both results, their difference, and a final JSON line.
 """
@@ -12,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def transformers_scores(model_dir: str, questions) -> tuple[dict, float]:
@@ -41,9 +46,9 @@ def transformers_scores(model_dir: str, questions) -> tuple[dict, float]:
             tgt = ids[0, -n:]
             lps.append(float(logp[-n:].gather(1, tgt[:, None]).sum()))
         lps = np.array(lps)
-        nbytes = np.array([len(c.encode("utf-8")) for c in q.continuations])
+        chars = np.array([max(1, len(c[1:] if c.startswith(" ") else c)) for c in q.continuations])
         acc.append(float(np.argmax(lps) == q.gold))
-        acc_norm.append(float(np.argmax(lps / nbytes) == q.gold))
+        acc_norm.append(float(np.argmax(lps / chars) == q.gold))
     return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(questions)}, \
         time.time() - t0
 

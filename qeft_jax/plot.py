@@ -199,7 +199,7 @@ def plot_weak_channels(ckpt_dir: str | Path, top: int = 8, out: str | Path | Non
         f"{model} ({method}): the most sensitive input channels per block, λ = diag(H)\n"
         f"{100 * stats['mean_top_in_global']:.0f}% of each row's top-{top} channels are in the global "
         f"weak index; {stats['distinct_top_channels']} distinct channels over {rows} rows", fontsize=11)
-    fig.legend(*ax_top.get_legend_handles_labels(), loc="outside upper center", ncol=3, fontsize=9)
+    fig.legend(*ax_top.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=9)
     ax_top.set_title(f"top-{top} channels by λ per block and sublayer", fontsize=10)
     # --- panel 2: heatmap of per-row normalised log10 λ
     norm = np.log10(np.maximum(lam, 1e-30) / np.maximum(lam.mean(axis=1, keepdims=True), 1e-30))
@@ -213,7 +213,8 @@ def plot_weak_channels(ckpt_dir: str | Path, top: int = 8, out: str | Path | Non
     ax_map.set_xlabel("hidden channel (original order)")
     ax_map.set_xlim(-0.5, d - 0.5)
     ax_map.set_title("log10(λ / mean λ of the row)", fontsize=10)
-    cbar = fig.colorbar(im, ax=ax_map, pad=0.01, fraction=0.04)
+    # one colorbar beside both panels keeps their x axes aligned; drawn next to the heatmap only
+    cbar = fig.colorbar(im, ax=[ax_top, ax_map], pad=0.01, fraction=0.03, shrink=0.48, anchor=(0.0, 0.0))
     cbar.set_label("log10(λ / row mean)")
     return _save(fig, out)
 
@@ -254,6 +255,9 @@ def plot_ppl_vs_bits(results: str | Path | Mapping[str, Any], out: str | Path | 
     if not base and not extra:
         raise ValueError(f"no '<method>_<bits>' keys for methods {', '.join(METHODS)} in the results "
                          f"(keys: {sorted(res)})")
+    extra = sorted(extra) if variants else []
+    if not base and not extra:
+        raise ValueError("only variant keys (like qeft_4_k32) in the results and variants are off")
     all_bits = sorted({b for d in base.values() for b in d} | {b for _, b, _, _ in extra})
     vals = [v for d in base.values() for v in d.values()] + [e[3] for e in extra] + \
         ([res["fp"]] if "fp" in res else [])
@@ -261,7 +265,6 @@ def plot_ppl_vs_bits(results: str | Path | Mapping[str, Any], out: str | Path | 
     fig = _new_figure(7, 4.6)
     ax = fig.add_subplot()
     present = [m for m in METHODS if m in base]
-    extra = sorted(extra) if variants else []
     # one bit width: dodge the methods sideways so markers and labels do not collide
     slots = len(present) + len(extra)
     dodge = (lambda i: 0.12 * (i - (slots - 1) / 2)) if len(all_bits) == 1 else (lambda i: 0.0)

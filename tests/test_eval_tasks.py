@@ -153,12 +153,14 @@ def test_buckets_and_rows():
 # metrics
 
 def test_choice_metrics_hand_made():
-    # " a" (2 bytes) at -2.0 = -1.0 per byte; " bbbb" (5 bytes) at -4.0 = -0.8 per byte
+    # acc_norm divides by characters without the leading space (lm-eval: len(choice)):
+    # " a" (1) at -2.0 = -2.0 per char; " bbbb" (4) at -4.0 = -1.0 per char
     assert T.choice_metrics([-2.0, -4.0], [" a", " bbbb"], gold=0) == (1.0, 0.0)
     assert T.choice_metrics([-2.0, -4.0], [" a", " bbbb"], gold=1) == (0.0, 1.0)
-    # byte length, not characters: " é" is 3 bytes, so -2.4 -> -0.8 per byte beats " e" at -1.0
-    assert T.choice_metrics([-2.0, -2.4], [" e", " é"], gold=1) == (0.0, 1.0)
+    # characters, not bytes: " ab" at -2.0 = -1.0 per char beats " é" (1 char, 2 bytes) at -1.8
+    assert T.choice_metrics([-2.0, -1.8], [" ab", " é"], gold=0) == (0.0, 1.0)
     assert T.choice_metrics([-1.0, -1.0], [" x", " y"], gold=0) == (1.0, 1.0)  # ties: first index
+    assert T.norm_length(" blue") == 4 and T.norm_length("blue") == 4 and T.norm_length(" ") == 1
 
 
 def test_score_questions_uses_the_reference_argmax(tiny):
@@ -171,9 +173,9 @@ def test_score_questions_uses_the_reference_argmax(tiny):
     for q in qs:
         lps = [reference_logprob(model, word_ids(c), word_ids(x))[0]
                for c, x in zip(q.contexts, q.continuations)]
-        nbytes = [len(x.encode()) for x in q.continuations]
+        chars = [len(x) - 1 for x in q.continuations]  # without the leading space
         acc.append(int(np.argmax(lps)) == q.gold)
-        norm.append(int(np.argmax(np.array(lps) / nbytes)) == q.gold)
+        norm.append(int(np.argmax(np.array(lps) / chars)) == q.gold)
     assert res == {"acc": pytest.approx(np.mean(acc)), "acc_norm": pytest.approx(np.mean(norm)), "n": 3}
 
 

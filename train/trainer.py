@@ -500,6 +500,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     t_run = time.time()
     try:
         with open(metrics_path, "a") as mf:
+            if start == 0 and val_rows is not None and cfg.eval_every:
+                mf.write(json.dumps({"step": 0, "eval_loss": evaluate(trainable)}) + "\n")  # the baseline
             while step < steps:
                 idx = tdata.rows_for_step(len(train_rows), cfg.batch_size, cfg.seed, step)
                 tokens = train_rows.tokens[idx].reshape(accum, cfg.micro_batch_size, cfg.seq_len)

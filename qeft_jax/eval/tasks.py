@@ -2,8 +2,10 @@
 
 Each choice of a question is a (context, continuation) request scored by the sum of
 log p(continuation tokens | context tokens). acc = the choice with the highest sum;
-acc_norm = the highest sum divided by the continuation's length in UTF-8 bytes (lm-eval's
-"acc_norm" also divides by byte length).
+acc_norm = the choice with the highest sum per character of the continuation, not counting the
+one leading space that separates it from the context. That is lm-eval's acc_norm exactly: it
+divides by len(choice) in characters, the choice text without the " " target delimiter (lm-eval
+0.4 reports the per-UTF-8-byte variant separately as acc_bytes).
 
 Tokenisation (`encode_pair`), chosen to match lm-eval's Hugging Face model:
   * trailing whitespace of the context is moved to the front of the continuation;
@@ -379,13 +381,19 @@ def loglikelihoods(model: nnx.Module, tokenizer: Any, requests: Iterable[tuple[s
 # ----------------------------------------------------------------------------------------------
 # metrics and the task loop
 
+def norm_length(continuation: str) -> int:
+    """acc_norm's length: characters of the continuation without its leading " " delimiter."""
+    text = continuation[1:] if continuation.startswith(" ") else continuation
+    return max(1, len(text))
+
+
 def choice_metrics(logprobs: Sequence[float], continuations: Sequence[str], gold: int
                    ) -> tuple[float, float]:
     """(acc, acc_norm) of one question: is the argmax of the log-likelihood, resp. of the
-    log-likelihood per UTF-8 byte of the continuation, the gold choice (first index on ties)."""
+    log-likelihood per character (`norm_length`), the gold choice (first index on ties)."""
     lp = np.asarray(logprobs, np.float64)
-    nbytes = np.asarray([max(1, len(c.encode("utf-8"))) for c in continuations], np.float64)
-    return float(np.argmax(lp) == gold), float(np.argmax(lp / nbytes) == gold)
+    chars = np.asarray([norm_length(c) for c in continuations], np.float64)
+    return float(np.argmax(lp) == gold), float(np.argmax(lp / chars) == gold)
 
 
 def score_questions(model: nnx.Module, tokenizer: Any, questions: Sequence[Question], *,
