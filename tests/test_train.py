@@ -174,7 +174,9 @@ def test_qeft_trains_only_weak_columns(qdirs, qeft_run):
     assert logits.shape == (1, 5, VOCAB) and bool(jnp.all(jnp.isfinite(logits)))
     assert summary["trainable_params"] == sum(before[k].size for k in weak)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6] and "eval_loss" in lines[1]
+    # step 0 is the held-out baseline before any update
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4, 5, 6] and "eval_loss" in lines[0]
+    assert "loss" not in lines[0] and "eval_loss" in lines[2]
     assert json.loads((out / "train_config.json").read_text())["method"] == "qeft"
 
 
@@ -240,7 +242,8 @@ def test_resume_is_bit_identical(qdirs, data_file, qeft_run, tmp_path):
     assert all(np.array_equal(ta[k], tb[k]) for k in ta)
     ma = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
+    assert [r.get("loss") for r in ma] == [r.get("loss") for r in mb]
+    assert [r.get("eval_loss") for r in ma] == [r.get("eval_loss") for r in mb]
     # a finished run is found complete; a different config into the same out is refused
     assert train(cfg, tokenizer=tok)["step"] == 6
     with pytest.raises(ValueError, match="different configuration"):

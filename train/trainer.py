@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -280,6 +281,34 @@ def data_fingerprint(train: tdata.Packed, val: tdata.Packed | None) -> str:
 
 
 # ----------------------------------------------------------------------------------- checkpoints
+TEST_PAUSE_ENV = "QEFT_JAX_TEST_PAUSE"
+
+
+def _test_pause(where: str, step: int) -> None:
+    """Test-only fault injection for tests/test_train_kill.py; a no-op unless QEFT_JAX_TEST_PAUSE is set.
+
+    QEFT_JAX_TEST_PAUSE=step:N  stalls right after step N's update is computed (before it is recorded
+                                or saved); save:N stalls inside the orbax save of step N, after the data
+                                is written to the temporary directory and before it is committed (renamed).
+    It announces the stall on stderr and sleeps, so the test can SIGKILL the run at exactly that point."""
+    if os.environ.get(TEST_PAUSE_ENV) == f"{where}:{step}":
+        print(f"{TEST_PAUSE_ENV} {where}:{step}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+def _pausing_temporary_path_class(ocp: Any) -> Any:
+    """Orbax's atomic-rename temporary path, stalling (see _test_pause) just before a step is committed."""
+
+    class PausingTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
+        async def finalize(self, *args: Any, **kwargs: Any) -> None:
+            name = Path(str(self.get_final())).name
+            if name.isdigit():
+                _test_pause("save", int(name))
+            await super().finalize(*args, **kwargs)
+
+    return PausingTemporaryPath
+
+
 class Checkpoints:
     """Orbax checkpoints of (trainable leaves, optimizer leaves); atomic, last `keep` kept."""
 
@@ -287,8 +316,12 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        extra = {}
+        if os.environ.get(TEST_PAUSE_ENV, "").startswith("save:"):
+            extra["temporary_path_class"] = _pausing_temporary_path_class(ocp)
         self.mngr = ocp.CheckpointManager(root.resolve(), options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+            max_to_keep=keep, create=True, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True, **extra))  # a save killed midway leaves nothing behind
 
     def latest(self) -> int | None:
         return self.mngr.latest_step()
@@ -511,6 +544,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                                                      jnp.asarray(weights))
                 loss, gnorm, ok = float(m["loss"]), float(m["grad_norm"]), bool(m["ok"])
                 dt = time.time() - t0
+                _test_pause("step", step + 1)
                 if not ok:
                     ckpt.save(step, trainable, opt_state)  # the state before this step: still good
                     raise NonFiniteLoss(
