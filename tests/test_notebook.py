@@ -42,6 +42,12 @@ def _kernel_manager(tmp: Path):
     return KernelManager(kernel_name=KERNEL, kernel_spec_manager=ksm)
 
 
+def _seconds(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
 def _text(cell) -> str:
     out = []
     for o in cell.get("outputs", []):
@@ -67,6 +73,11 @@ def test_quickstart_notebook_runs(default_model_dir, tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError on the first failing cell
     seconds = time.time() - t0
     print(f"notebook executed in {seconds:.1f} s")
+    for i, c in enumerate(nb.cells):
+        t = c.metadata.get("execution", {})
+        if "shell.execute_reply" in t and "iopub.execute_input" in t:
+            dt = _seconds(t["shell.execute_reply"]) - _seconds(t["iopub.execute_input"])
+            print(f"  cell {i:2d}: {dt:6.1f} s  {c.source.splitlines()[0][:60]}")
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     for c in code:
