@@ -62,9 +62,9 @@ def test_quickstart_notebook_runs(default_model_dir, tmp_path, monkeypatch):
     # the kernel inherits this environment: quick sizes, outputs under tmp_path, the same model cache
     monkeypatch.setenv("QEFT_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("QEFT_NOTEBOOK_OUT", str(tmp_path / "runs" / "notebook"))
-    # CPU unless asked otherwise: a second process on a GPU would compete with this one for memory
     # this checkout's qeft_jax/train, installed or not (the kernel runs in tmp_path)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    # CPU unless asked otherwise: a second process on a GPU would compete with this one for memory
     monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS") or "cpu")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=600,
