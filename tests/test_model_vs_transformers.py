@@ -80,3 +80,43 @@ def test_rope_parameters_and_legacy_keys_agree():
     new = LlamaConfig.from_hf_dict(base | {"rope_parameters": scaling | {"rope_theta": 5e5}})
     assert legacy == new
     assert legacy.rope_scaling.rope_type == "llama3" and legacy.rope_theta == 5e5
+
+
+def test_bin_checkpoint_converts_through_weights_only_load(hf_models, tmp_path):
+    """A legacy pytorch_model.bin goes through torch.load(weights_only=True) and matches torch."""
+    from convert import from_hf
+
+    _, tmodel = hf_models["gqa_untied"]
+    src = tmp_path / "bin"
+    src.mkdir()
+    tmodel.config.to_json_file(src / "config.json")
+    torch.save(tmodel.state_dict(), src / "pytorch_model.bin")  # transformers 5 writes only safetensors
+    model, _, _ = load_model(from_hf.convert(src, tmp_path / "ck"))
+    ids = np.random.default_rng(2).integers(0, 101, (1, 9))
+    with torch.no_grad():
+        ref = tmodel(torch.tensor(ids)).logits.numpy()
+    assert rel_err(model(jnp.asarray(ids)), ref) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["qeft"])
+def test_quantized_to_hf_matches_quantized_model(method, converted, tmp_path):
+    """Export of a quantized checkpoint: fp tensors with the weak columns restored and the original
+    channel order, loadable by transformers, with the quantized model's logits."""
+    import transformers
+
+    from convert import to_hf
+    from qeft_jax.quant.pipeline import quantize_checkpoint
+    from qeft_jax.quant.recipes import make_recipe
+
+    src = converted["llama3_rope_bias"]
+    calib = np.random.default_rng(0).integers(0, 97, (4, 16))
+    quantize_checkpoint(src, tmp_path / "q", make_recipe(method, bits=3, group_size=16, k=3), calib,
+                            progress=False)
+    qdir = tmp_path / "q"
+    qmodel, _, _ = load_model(qdir)
+    hf_dir = to_hf.export(qdir, tmp_path / "hf", dtype="float32")
+    tmodel = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = np.random.default_rng(3).integers(0, 97, (2, 11))
+    with torch.no_grad():
+        ref = tmodel(torch.tensor(ids)).logits.numpy()
+    assert rel_err(qmodel(jnp.asarray(ids)), ref) < 1e-4

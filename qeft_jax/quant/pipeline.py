@@ -34,7 +34,7 @@ from qeft_jax.quant.groupwise import rtn, search_group_params
 from qeft_jax.quant.optq import optq
 from qeft_jax.quant.pack import pack_codes
 from qeft_jax.quant.recipes import QuantRecipe
-from qeft_jax.quant.reorder import layer_tensors, permute_layer, weak_first_permutation
+from qeft_jax.quant.reorder import permute_layer, weak_first_permutation
 from qeft_jax.quant.select import global_weak_index, owq_sensitivity, top_k
 
 
