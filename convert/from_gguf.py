@@ -109,11 +109,46 @@ def read_gguf_tensors(reader: Any, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     return tensors
 
 
-def export_tokenizer(gguf_path: Path, out: Path) -> None:
-    """Carry the GGUF's tokenizer over as Hugging Face tokenizer files (transformers' converter)."""
-    from transformers import AutoTokenizer
+def byte_level_tokenizer(reader: Any) -> Any:
+    """A GGUF 'gpt2' (byte-level BPE) vocabulary as a Hugging Face fast tokenizer, built with the
+    `tokenizers` library directly (transformers' GGUF reader needs torch; this path must not)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
+    merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    # llama.cpp token type 3 = control: special tokens, never split and skipped when decoding
+    tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if int(t) == 3])
+
+    def special(key: str) -> str | None:
+        idx = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        return None if idx is None else tokens[int(idx)]
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=special("bos"), eos_token=special("eos"),
+        unk_token=special("unknown"), pad_token=special("padding"),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
+
+
+def export_tokenizer(reader: Any, gguf_path: Path, out: Path) -> None:
+    """Carry the GGUF's tokenizer over as Hugging Face tokenizer files."""
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind == "gpt2":
+        tok = byte_level_tokenizer(reader)
+    else:  # sentencepiece and others: transformers' converter (it needs torch installed)
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        except ModuleNotFoundError as e:
+            raise CheckpointError(f"converting a GGUF '{kind}' tokenizer needs transformers' GGUF reader, "
+                                  f"which needs torch: pip install 'qeft-jax[convert]' ({e})") from None
     tok.save_pretrained(str(out))
 
 
@@ -133,7 +168,7 @@ def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_checkpoint(tmp, cfg.to_hf_dict(), tensors)
         if _field(reader, "tokenizer.ggml.model") is not None:
-            export_tokenizer(src, tmp)
+            export_tokenizer(reader, src, tmp)
     return Path(out)
 
 

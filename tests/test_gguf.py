@@ -11,6 +11,8 @@ from qeft_jax.io import CheckpointError
 from qeft_jax.load import default_gguf_path
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n <", "Water boils at a temperature of"]
+TOKENIZER_TEXTS = PROMPTS + ["In 1969, 3 astronauts flew 384,400 km!", "  leading spaces\tand tabs\n\n",
+                             "émigré naïve café — “quotes” 中文 🙂", "<|im_start|>user\nhi<|im_end|>"]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,23 @@ def test_gguf_logits_match_transformers_gguf_loader(default_model):
         out = np.asarray(model(jnp.asarray(ids)))
         worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
     assert worst < 1e-4, worst
+
+
+def test_tokenizer_matches_transformers_gguf_tokenizer(default_model):
+    """Our torch-free GGUF tokenizer conversion against transformers' GGUF tokenizer."""
+    from transformers import AutoTokenizer
+
+    _, tok, _ = default_model
+    path = default_gguf_path()
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in TOKENIZER_TEXTS:
+        assert tok(text)["input_ids"] == ref(text)["input_ids"], text
+        ids = ref(text)["input_ids"]
+        assert tok.decode(ids) == ref.decode(ids)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
 
 
 def test_tokenizer_round_trip_and_chat_template(default_model):
