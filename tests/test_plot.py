@@ -141,7 +141,7 @@ def test_loss_curves_errors(tmp_path):
         plot.plot_loss_curves([a], labels=["x", "y"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1, "loss": 2.0}\nnot json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         plot.plot_loss_curves([bad])
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"step": 1}\n')

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from qeft_jax.io import parse_jsonl
+
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that "
@@ -42,13 +44,7 @@ def load_jsonl(path: str | Path) -> list[dict[str, str]]:
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of examples")
     else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+        rows = [rec for _, rec in parse_jsonl(text, path)]
     out = []
     for n, r in enumerate(rows, 1):
         if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
