@@ -116,9 +116,9 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
 class SafetensorsReader:
     """Lazy, memory-mapped reader over one or more safetensors files (one tensor at a time)."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[str | Path]):
         self._where: dict[str, Path] = {}
-        for f in files:
+        for f in map(Path, files):
             check_safetensors_header(f)
             with safe_open(f, framework="numpy") as h:
                 for k in h.keys():
