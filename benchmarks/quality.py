@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window")
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--bits", default=None, help="comma-separated bit widths (default: 4 with --quick, else 4,3)")
     a = p.parse_args()
     calib_n = a.calib_samples or (16 if a.quick else 128)
     calib_len = a.calib_len or 512
@@ -61,9 +62,12 @@ def main() -> None:
     fp16_bytes = 2 * sum(int(np.prod(shape)) for shape in _fp_linear_shapes(src).values())
     rows = [("fp", 16, "-", fp_ppl, fp16_bytes, 0.0)]  # the linears as fp16
     results = {"fp": fp_ppl}
-    configs = [(m, 4, 16) for m in ("rtn", "gptq", "owq", "qeft")]
-    if not a.quick:
-        configs += [("qeft", 4, 32)] + [(m, 3, 16) for m in ("rtn", "gptq", "owq", "qeft")] + [("qeft", 3, 32)]
+    bit_widths = [int(b) for b in (a.bits or ("4" if a.quick else "4,3")).split(",")]
+    configs = []
+    for bits in bit_widths:
+        configs += [(m, bits, 16) for m in ("rtn", "gptq", "owq", "qeft")]
+        if not a.quick:
+            configs.append(("qeft", bits, 32))
     del model
     with tempfile.TemporaryDirectory() as tmp:
         for method, bits, k in configs:
