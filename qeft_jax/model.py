@@ -155,9 +155,6 @@ class MLP(nnx.Module):
         """The down_proj input (the quantizer calibrates on it)."""
         return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(x))
-
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qeft_jax.quant.pack import QuantSpec, qeft_matmul_ref
+from qeft_jax.quant.pack import QuantSpec
 
 
 class QuantState(nnx.Variable):
@@ -66,11 +66,3 @@ class QEFTLinear(nnx.Module):
             y = y + self.bias[...].astype(y.dtype)
         return y
 
-
-def reference_apply(x: jax.Array, layer: QEFTLinear) -> jax.Array:
-    """The plain spec for a QEFTLinear (dequantize + dot, weak columns added)."""
-    y = qeft_matmul_ref(x, layer.qweight[...], layer.scales[...], layer.zeros[...], layer.weak[...],
-                        layer.weak_idx[...], bits=layer.spec.bits, group_size=layer.spec.group_size)
-    if layer.bias is not None:
-        y = y + layer.bias[...].astype(y.dtype)
-    return y
