@@ -58,6 +58,15 @@ def fetch_wheel(requirement: str) -> Path:
     return target
 
 
+def check_output_dir(out: str | Path, *, overwrite: bool) -> None:
+    """Refuse an existing non-empty output (or a file in its place) unless `overwrite`; callers
+    check before long work so nothing is computed for an output that would be refused."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"output directory {out} exists and is not empty (pass --overwrite "
+                              f"to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Write a directory atomically: yield a temp dir beside `out`, fsync it, then rename.
@@ -65,9 +74,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     A failure inside the block leaves whatever was at `out` untouched.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty (pass --overwrite "
-                              f"to replace it)")
+    check_output_dir(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -31,6 +31,7 @@ def calibration_ids(tokenizer, *, samples: int, seq_len: int, seed: int, data: s
 
 def main(argv: list[str] | None = None) -> None:
     from qeft_jax.config import LlamaConfig
+    from qeft_jax.io import check_output_dir
     from qeft_jax.load import load_tokenizer, resolve
     from qeft_jax.quant.pipeline import quantize_checkpoint
     from qeft_jax.quant.recipes import make_recipe
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     mesh = None if a.devices == 1 else make_mesh(data=a.devices or None)
 
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()) and not a.overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty (pass --overwrite)")
+    check_output_dir(out, overwrite=a.overwrite)
     k = a.k if a.method in ("qeft", "owq") else 0
     recipe = make_recipe(a.method, bits=a.bits, group_size=a.group_size, k=k, act_order=a.act_order)
     src = resolve(a.model)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = calibration_ids(load_tokenizer(src), samples=a.calib_samples, seq_len=a.seq_len, seed=a.seed,
                           data=a.calib_data)
     t0 = time.time()
-    meta = {"command": {k_: v for k_, v in vars(a).items()}, "calibration_seed": a.seed,
+    meta = {"command": vars(a), "calibration_seed": a.seed,
             "calibration_data": a.calib_data or "boolq-wikipedia/calib"}
     summary = quantize_checkpoint(src, out, recipe, ids, batch_size=a.batch_size, overwrite=a.overwrite,
                                   meta=meta, mesh=mesh)

@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from qeft_jax.config import LlamaConfig
-from qeft_jax.io import SafetensorsReader, atomic_dir, tokenizer_files
+from qeft_jax.io import SafetensorsReader, atomic_dir, check_output_dir, tokenizer_files
 from qeft_jax.params import LINEAR_NAMES, check_tensors_against, expected_shapes
 from qeft_jax.qlinear import QEFTLinear
 from qeft_jax.quant.calibrate import GROUP_OF, CalibrationError, build_layer, run_block
@@ -144,8 +144,7 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
                          on_block: Callable[[int, float], None] | None, mesh: Any) -> dict[str, Any]:
     t0 = time.time()
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty (pass --overwrite)")
+    check_output_dir(out, overwrite=overwrite)
     cfg = LlamaConfig.from_json_file(src / "config.json")
     check_calibration(calib_ids, cfg)
     for name in LINEAR_NAMES:
