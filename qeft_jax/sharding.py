@@ -1,4 +1,4 @@
-"""Device meshes for data-parallel calibration (`jax.sharding`).
+"""Device meshes: data-parallel calibration and data-parallel + FSDP training (`jax.sharding`).
 
 Quantization is calibration-bound: every block pushes all calibration sequences through itself
 and accumulates Hessians H = 2XᵀX. With a mesh, `quant.calibrate.run_block` splits each batch of
@@ -11,6 +11,14 @@ Batches with a mesh: the batch is rounded up to a multiple of the 'data' axis si
 partial batch is padded with copies of real sequences whose Hessian weight is zero, so every
 sequence counts exactly once. Summation order differs from the single-device run, so Hessians and
 activations agree to float32 rounding (≈1e-6 relative), not bit for bit.
+
+Training (`train.trainer`, `python -m qeft_jax.train --devices N`) uses the same 'data' axis twice:
+every micro-batch is split over it (data parallel), and every parameter, frozen tensor and
+optimizer moment is split over it too, FSDP-style (`fsdp_shardings`: each leaf's largest axis that
+the axis size divides; leaves with no such axis are replicated). Inside the jitted step XLA
+all-gathers a weight where a matmul needs it and reduce-scatters the gradients back to the
+shards, so each device holds 1/N of the trainable state and of the frozen packed base. The step
+function is the single-device one; only where the arrays live changes.
 
 Multi-host (several processes, one per host)
 --------------------------------------------
@@ -36,15 +44,16 @@ resume state: give each process its own --out (or a process-local disk) and keep
 
 What is tested: a single host with 4 fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=4, tests/test_sharding.py): block outputs and
-Hessians match the single-device run, and a whole quantization gives the same weak index, codes
-and logits. What is NOT tested: real multi-host runs (`jax.distributed`, the all-gather of
+Hessians match the single-device run, a whole quantization gives the same weak index, codes
+and logits, and FSDP training (qeft and full) gives the losses and tuned weights of the
+single-device run, also when resumed on a different number of devices. What is NOT tested: real multi-host runs (`jax.distributed`, the all-gather of
 activations across processes), real GPUs/TPUs, and a 'model' axis > 1 (the mesh helper accepts it,
 but calibration only uses the 'data' axis; weights are replicated over 'model').
 """
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -85,12 +94,42 @@ def data_size(mesh: Mesh) -> int:
     return int(mesh.shape[DATA])
 
 
-def shard_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host array (identical on every process) as a global array split over 'data'.
+def batch_sharding(mesh: Mesh, axis: int, ndim: int) -> NamedSharding:
+    """Axis `axis` of an ndim-dimensional array split over 'data'; the others replicated."""
+    return NamedSharding(mesh, P(*([None] * axis + [DATA] + [None] * (ndim - axis - 1))))
+
+
+def shard_batch(x: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+    """A host array (identical on every process) as a global array split over 'data' along `axis`.
 
     Each process only transfers the slices its own devices hold, so this works across hosts."""
+    return put(x, batch_sharding(mesh, axis, np.ndim(x)))
+
+
+def put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A value that every process holds in full, placed as a global array with `sharding`."""
     x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, data_sharding(mesh), lambda idx: x[idx])
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def fsdp_spec(shape: Sequence[int], n: int) -> P:
+    """Split the largest axis that n divides over 'data' (the first of equals); P() if none does."""
+    axes = [i for i, d in enumerate(shape) if d >= n and d % n == 0]
+    if n == 1 or not axes:
+        return P()
+    best = max(axes, key=lambda i: (shape[i], -i))
+    return P(*([None] * best + [DATA]))
+
+
+def fsdp_shardings(tree: Any, mesh: Mesh) -> Any:
+    """A NamedSharding per leaf of `tree` (arrays or shape-structs): see `fsdp_spec`."""
+    n = data_size(mesh)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)), tree)
+
+
+def put_tree(tree: Any, shardings: Any) -> Any:
+    """`put` over a pytree of host-identical values."""
+    return jax.tree.map(put, tree, shardings)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -6,6 +6,10 @@ fine-tuning. Rerunning the same command with the same --out resumes from the las
 ends with exactly the parameters of an uninterrupted run. The final --out is a loadable checkpoint
 (qeft: quantized, weak columns updated; lora/full: fp, adapters merged; qlora: the quantized base
 plus adapter_model.safetensors, read by train.lora.load_with_adapters). See train/trainer.py.
+
+--devices N (0 = all) trains data-parallel over N devices with parameters, optimizer state and the
+frozen base sharded FSDP-style (qeft_jax/sharding.py); --micro-batch-size must be a multiple of N.
+Multi-host: set QEFT_COORDINATOR_ADDRESS / QEFT_NUM_PROCESSES / QEFT_PROCESS_ID in every process.
 """
 from __future__ import annotations
 
@@ -53,6 +57,8 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--eval-rows", type=int, default=d.eval_rows)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="delete --out and start over")
+    p.add_argument("--devices", type=int, default=d.devices,
+                   help="data parallel + FSDP over this many devices (0 = all, 1 = single device)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cfg = TrainConfig(
@@ -63,13 +69,15 @@ def parse(argv: list[str] | None = None):
         warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, clip_norm=a.clip_norm, seed=a.seed,
         remat=a.remat, dtype=a.dtype, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
         save_every=a.save_every, keep=a.keep, eval_every=a.eval_every, eval_rows=a.eval_rows,
-        progress=not a.no_progress)
+        progress=not a.no_progress, devices=a.devices)
     return cfg, a
 
 
 def main(argv: list[str] | None = None) -> None:
+    from qeft_jax.sharding import maybe_initialize_distributed
     from train.trainer import train
 
+    maybe_initialize_distributed()  # no-op unless the QEFT_* multi-host variables are set
     cfg, a = parse(argv)
     tokenizer = None
     if a.tokenizer:

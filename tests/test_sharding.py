@@ -228,3 +228,173 @@ def test_maybe_initialize_distributed_env(monkeypatch):
     monkeypatch.setenv(sharding.ENV_NUM, "1")
     monkeypatch.setenv(sharding.ENV_ID, "0")
     assert sharding.maybe_initialize_distributed() is False  # one process: no coordinator needed
+
+
+# ------------------------------------------------------------ FSDP training (4 fake devices)
+
+# argv: fp dir, quantized dir, data jsonl, out root. Trains qeft and full on 1 and 4 devices, and a
+# qeft run interrupted on 4 devices and resumed on 2; reports how the state is laid out and
+# whether the compiled step communicates.
+TRAIN_CHILD = textwrap.dedent(r"""
+    import json, sys
+    from pathlib import Path
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import jax.numpy as jnp
+    import numpy as np
+    from train import trainer as T
+
+    class Tok:  # characters -> ids in [3, 101); bos 1, eos 2, pad 0; a short fake chat template
+        bos_token_id, eos_token_id, pad_token_id, chat_template = 1, 2, 0, "stub"
+        def encode(self, text, add_special_tokens=True):
+            return ([1] if add_special_tokens else []) + [3 + ord(c) % 98 for c in text]
+        def apply_chat_template(self, msgs, add_generation_prompt=False, tokenize=False):
+            return "".join(f"<{m['role']}>{m['content']}</>" for m in msgs) + ("<a>" if add_generation_prompt else "")
+
+    fp, q, data, out = map(Path, sys.argv[1:5])
+
+    def cfg(model, name, method, devices):
+        return T.TrainConfig(model=str(model), out=str(out / name), data=str(data), method=method,
+                             seq_len=48, batch_size=8, micro_batch_size=4, steps=3,
+                             lr=3e-2 if method == "qeft" else 1e-3, save_every=2, eval_every=3,
+                             eval_rows=8, val_fraction=0.1, progress=False, devices=devices)
+
+    res = {"devices": len(jax.devices())}
+    for method, model in (("qeft", q), ("full", fp)):
+        for name, dev in (("single", 1), ("mesh", 4)):
+            T.train(cfg(model, f"{method}_{name}", method, dev), tokenizer=Tok())
+
+    def stop_after_2(step, rec):
+        if step == 2:
+            raise KeyboardInterrupt
+    try:
+        T.train(cfg(q, "qeft_resumed", "qeft", 4), tokenizer=Tok(), on_step=stop_after_2)
+        res["interrupted"] = False
+    except KeyboardInterrupt:
+        res["interrupted"] = True
+    T.train(cfg(q, "qeft_resumed", "qeft", 2), tokenizer=Tok())
+
+    # the layout: per-device share of each part of the state, and the collectives in the step
+    c = cfg(q, "layout", "qeft", 4)
+    model, _, _, _ = T.build_model(q, "qeft", dtype=jnp.float32, lora_rank=4, lora_alpha=16.0, seed=0)
+    graphdef, tr, fr = T.split_trainable(model, "qeft")
+    tx, _ = T.make_optimizer(1e-3, c)
+    mesh = T.training_mesh(c)
+    tr, opt, fr = T.place_state(tx, tr, fr, mesh)
+
+    def share(tree):
+        leaves = jax.tree.leaves(tree)
+        dev0 = jax.devices()[0]
+        local = sum(s.data.size for x in leaves for s in x.addressable_shards if s.device == dev0)
+        return local / sum(x.size for x in leaves)
+
+    res["share"] = {"trainable": share(tr), "opt": share(opt), "frozen": share(fr)}
+    step, _ = T.make_step_fns(graphdef, tx, False, mesh)
+    from qeft_jax import sharding as shd
+    toks = shd.shard_batch(np.ones((2, 4, 48), np.int32), mesh, 1)
+    hlo = step.lower(tr, opt, fr, toks, shd.shard_batch(np.ones((2, 4, 48), np.float32), mesh, 1)).compile().as_text()
+    res["collectives"] = sorted({op for op in ("all-gather", "all-reduce", "reduce-scatter") if op in hlo})
+    print("RESULT " + json.dumps(res))
+""")
+
+
+@pytest.fixture(scope="module")
+def train_child(converted, tmp_path_factory):
+    from qeft_jax.quant.pipeline import quantize_checkpoint
+    from qeft_jax.quant.recipes import make_recipe
+
+    fp = Path(converted["gqa_untied"])
+    root = tmp_path_factory.mktemp("fsdp")
+    q = root / "qeft"
+    ids = np.random.default_rng(0).integers(0, 101, (4, 32))
+    quantize_checkpoint(fp, q, make_recipe("qeft", bits=4, group_size=32, k=8), ids, progress=False)
+    words = ["cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird"]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Repeat {i % 5}", "input": words[i % 8] if i % 2 else "",
+                                        "output": words[i % 8] * 2}) + "\n" for i in range(40)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={N_DEV}"}
+    p = subprocess.run([sys.executable, "-c", TRAIN_CHILD, str(fp), str(q), str(data), str(root / "runs")],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return root / "runs", json.loads(line[len("RESULT "):]), {"qeft": q, "full": fp}
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss", r.get("eval_loss"))) for r in recs]
+
+
+def _tensors(run: Path) -> dict[str, np.ndarray]:
+    from qeft_jax.io import SafetensorsReader
+
+    r = SafetensorsReader([run / "model.safetensors"])
+    return {k: r.get(k) for k in r.keys()}
+
+
+def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> None:
+    """Equal up to float32 summation order. Adam divides by sqrt(v), so a rounding-level change in a
+    small gradient moves its element by up to ~1e-3 of the step; allow 2e-3 of how far training moved
+    the tensor from `base`, or one unit in the last place of the stored dtype."""
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        g = got[k]
+        assert g.dtype == w.dtype, k
+        if g.dtype.kind in "iu":
+            np.testing.assert_array_equal(g, w, err_msg=k)
+            continue
+        g64, w64 = g.astype(np.float64), w.astype(np.float64)
+        moved = float(np.abs(w64 - base[k]).max()) if k in base else 0.0
+        ulp = np.maximum(np.spacing(np.abs(w)), np.spacing(np.abs(g))).astype(np.float64)
+        tol = np.maximum(ulp, 2e-3 * moved) + 1e-6 * max(1.0, float(np.abs(w64).max()))
+        bad = np.abs(g64 - w64) > tol
+        assert not bad.any(), (k, int(bad.sum()), float(np.abs(g64 - w64).max()), moved)
+
+
+def test_fsdp_training_really_shards(train_child):
+    _, res, _ = train_child
+    assert res["devices"] == N_DEV
+    # each device holds about a quarter (leaves with no axis divisible by 4 are replicated)
+    assert 0.25 <= res["share"]["trainable"] < 0.3, res["share"]
+    assert 0.25 <= res["share"]["opt"] < 0.3, res["share"]
+    assert 0.25 <= res["share"]["frozen"] < 0.4, res["share"]
+    assert res["collectives"], "the compiled FSDP step has no collectives"
+
+
+@pytest.mark.parametrize("method", ["qeft", "full"])
+def test_fsdp_training_matches_single_device(train_child, method):
+    runs, _, sources = train_child
+    single, mesh = runs / f"{method}_single", runs / f"{method}_mesh"
+    ls, lm = _losses(single), _losses(mesh)
+    print(method, "losses single", ls, "mesh", lm)
+    assert [s for s, _ in ls] == [s for s, _ in lm] and len(ls) >= 4
+    np.testing.assert_allclose([v for _, v in lm], [v for _, v in ls], rtol=1e-5)
+    a, b, base = _tensors(single), _tensors(mesh), _tensors(sources[method])
+    _assert_close(b, a, base)
+    moved = [k for k in a if k in base and not np.array_equal(a[k], base[k])]
+    assert moved, "training did not change any tensor: the comparison proves nothing"
+    if method == "qeft":
+        assert all(k.endswith(".weak") for k in moved), moved
+
+
+def test_fsdp_run_resumes_on_another_device_count(train_child):
+    runs, res, sources = train_child
+    assert res["interrupted"]
+    ls, lr = _losses(runs / "qeft_single"), _losses(runs / "qeft_resumed")
+    assert [s for s, _ in ls] == [s for s, _ in lr]
+    np.testing.assert_allclose([v for _, v in lr], [v for _, v in ls], rtol=1e-5)
+    _assert_close(_tensors(runs / "qeft_resumed"), _tensors(runs / "qeft_single"), _tensors(sources["qeft"]))
+
+
+def test_fsdp_spec_rules():
+    from jax.sharding import PartitionSpec as P
+
+    from qeft_jax.sharding import fsdp_spec
+
+    assert fsdp_spec((64, 8), 4) == P("data")            # the largest divisible axis
+    assert fsdp_spec((101, 64), 4) == P(None, "data")    # 101 is not divisible: the next one
+    assert fsdp_spec((8, 8), 4) == P("data")             # ties: the first
+    assert fsdp_spec((7, 3), 4) == P()                   # nothing divisible: replicated
+    assert fsdp_spec((), 4) == P()
+    assert fsdp_spec((64, 8), 1) == P()

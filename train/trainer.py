@@ -18,6 +18,13 @@ Output directory (`out`):
   train_done.json        written last: the run is complete
 Data order is a pure function of (seed, step) and the step is stateless otherwise, so an
 interrupted run rerun with the same command ends with exactly the parameters of a straight run.
+
+Several devices (`devices` != 1): a ('data',) mesh; each micro-batch is split over it and the
+trainable master copy, the optimizer state and the frozen model are sharded FSDP-style
+(`qeft_jax.sharding.fsdp_shardings`). The step function is unchanged: XLA inserts the all-gathers
+and gradient reductions. Results equal the single-device run's up to float summation order, and
+a run may be resumed on a different number of devices (checkpoints are restored into the current
+layout). The model is still loaded whole on the host first.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from qeft_jax import sharding as shd
 from train import data as tdata
 
 METHODS = ("qeft", "qlora", "lora", "full")
@@ -79,6 +87,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_rows: int = 64
     progress: bool = True
+    devices: int = 1                  # data-parallel + FSDP over this many devices (0 = all)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.save_every <= 0 or self.keep <= 0:
             raise ValueError("save_every and keep must be positive")
+        if self.devices < 0:
+            raise ValueError(f"devices must be >= 0 (0 = all), got {self.devices}")
 
 
 # Settings that change what the run computes: a rerun into the same --out must match them.
@@ -156,6 +167,28 @@ def split_trainable(model: nnx.Module, method: str) -> tuple[Any, nnx.State, nnx
     return graphdef, trainable, frozen
 
 
+def training_mesh(cfg: TrainConfig) -> Any:
+    """The ('data', 'model'=1) mesh for cfg.devices, or None for a single device."""
+    if cfg.devices == 1:
+        return None
+    mesh = shd.make_mesh(data=cfg.devices or None)
+    n = shd.data_size(mesh)
+    if cfg.micro_batch_size % n:
+        raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of the {n} devices "
+                         f"it is split over (--devices {cfg.devices})")
+    return mesh
+
+
+def place_state(tx: optax.GradientTransformation, trainable: Any, frozen: Any, mesh: Any) -> tuple[Any, Any, Any]:
+    """(trainable, optimizer state, frozen), FSDP-sharded over `mesh` (as they are for mesh=None)."""
+    if mesh is None:
+        return trainable, tx.init(trainable), frozen
+    trainable = shd.put_tree(trainable, shd.fsdp_shardings(trainable, mesh))
+    frozen = shd.put_tree(frozen, shd.fsdp_shardings(frozen, mesh))
+    opt_sh = shd.fsdp_shardings(jax.eval_shape(tx.init, trainable), mesh)
+    return trainable, jax.jit(tx.init, out_shardings=opt_sh)(trainable), frozen
+
+
 def forward_logits(model: nnx.Module, tokens: jax.Array, remat: bool) -> jax.Array:
     """The training forward (no cache), optionally rematerialising each decoder block."""
     return model.logits(forward_blocks(model, model.hidden_states(tokens), remat))
@@ -195,19 +228,29 @@ def make_optimizer(lr: float, cfg: TrainConfig) -> tuple[optax.GradientTransform
 _STEP_FNS: dict[Any, Any] = {}
 
 
-def step_fns(graphdef: Any, lr: float, cfg: TrainConfig):
+def step_fns(graphdef: Any, lr: float, cfg: TrainConfig, mesh: Any = None):
     """Memoised make_step_fns: repeated runs of one model/optimizer in a process reuse the compiled
     step (graph definitions compare by structure)."""
-    key = (graphdef, lr, cfg.warmup_steps, cfg.weight_decay, cfg.clip_norm, cfg.adam_b1, cfg.adam_b2, cfg.remat)
+    key = (graphdef, lr, cfg.warmup_steps, cfg.weight_decay, cfg.clip_norm, cfg.adam_b1, cfg.adam_b2, cfg.remat,
+           mesh)
     if key not in _STEP_FNS:
         if len(_STEP_FNS) > 8:
             _STEP_FNS.clear()
-        _STEP_FNS[key] = make_step_fns(graphdef, make_optimizer(lr, cfg)[0], cfg.remat)
+        _STEP_FNS[key] = make_step_fns(graphdef, make_optimizer(lr, cfg)[0], cfg.remat, mesh)
     return _STEP_FNS[key]
 
 
-def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool):
-    """(train_step, eval_sums), both jitted. train_step takes micro-batches stacked [A, mb, L]."""
+def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool, mesh: Any = None):
+    """(train_step, eval_sums), both jitted. train_step takes micro-batches stacked [A, mb, L].
+
+    With a mesh, the gradient accumulator and the new state are pinned to the FSDP layout of the
+    state they come from, so the step maps sharded state to identically sharded state."""
+    if mesh is None:
+        pin = lambda tree: tree
+    else:
+        from qeft_jax.sharding import fsdp_shardings
+
+        pin = lambda tree: jax.lax.with_sharding_constraint(tree, fsdp_shardings(tree, mesh))
 
     def loss_sums(trainable, frozen, tokens, weights):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -222,9 +265,9 @@ def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool):
         def micro(carry, xs):
             g_acc, l_acc, n_acc = carry
             (l, n), g = grad_fn(trainable, frozen, *xs)
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+            return (pin(jax.tree.map(jnp.add, g_acc, g)), l_acc + l, n_acc + n), None
 
-        init = (jax.tree.map(jnp.zeros_like, trainable), jnp.float32(0), jnp.float32(0))
+        init = (pin(jax.tree.map(jnp.zeros_like, trainable)), jnp.float32(0), jnp.float32(0))
         (g, l, n), _ = jax.lax.scan(micro, init, (tokens, weights))
         denom = jnp.maximum(n, 1.0)
         g = jax.tree.map(lambda x: x / denom, g)
@@ -234,8 +277,8 @@ def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool):
         new_tr = optax.apply_updates(trainable, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         keep = lambda new, old: jnp.where(ok, new, old)  # a non-finite step leaves the state untouched
-        new_tr = jax.tree.map(keep, new_tr, trainable)
-        new_opt = jax.tree.map(keep, new_opt, opt_state)
+        new_tr = pin(jax.tree.map(keep, new_tr, trainable))
+        new_opt = pin(jax.tree.map(keep, new_opt, opt_state))
         return new_tr, new_opt, {"loss": loss, "grad_norm": gnorm, "targets": n, "ok": ok}
 
     return (jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(loss_sums))
@@ -344,7 +387,8 @@ class Checkpoints:
 
 def _leaf_dict(tree: Any, abstract: bool = False) -> dict[str, Any]:
     leaves = jax.tree.leaves(tree)
-    f = (lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)) if abstract else (lambda x: x)
+    # restoring into the current arrays' shardings lets a run resume on another device count
+    f = (lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)) if abstract else (lambda x: x)
     return {f"{i:06d}": f(x) for i, x in enumerate(leaves)}
 
 
@@ -496,8 +540,10 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
 
     graphdef, trainable, frozen = split_trainable(model, cfg.method)
     tx, sched = make_optimizer(lr, cfg)
-    opt_state = tx.init(trainable)
-    train_step, eval_sums = step_fns(graphdef, lr, cfg)
+    mesh = training_mesh(cfg)
+    trainable, opt_state, frozen = place_state(tx, trainable, frozen, mesh)
+    train_step, eval_sums = step_fns(graphdef, lr, cfg, mesh)
+    batch = (lambda x, axis: jnp.asarray(x)) if mesh is None else (lambda x, axis: shd.shard_batch(x, mesh, axis))
     ckpt = Checkpoints(out / "checkpoints", cfg.keep)
     metrics_path = out / "metrics.jsonl"
     start = ckpt.latest() or 0
@@ -522,7 +568,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
             if len(t) < mb:  # keep one compiled shape: pad with zero-weight rows
                 t = np.concatenate([t, np.zeros((mb - len(t), t.shape[1]), t.dtype)])
                 ww = np.concatenate([ww, np.zeros((mb - len(ww), ww.shape[1]), ww.dtype)])
-            s, c = eval_sums(trainable, frozen, jnp.asarray(t), jnp.asarray(ww))
+            s, c = eval_sums(trainable, frozen, batch(t, 0), batch(ww, 0))
             tot, cnt = tot + float(s), cnt + float(c)
         return tot / max(cnt, 1.0)
 
@@ -540,8 +586,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                 tokens = train_rows.tokens[idx].reshape(accum, cfg.micro_batch_size, cfg.seq_len)
                 weights = weights_all[idx].reshape(accum, cfg.micro_batch_size, cfg.seq_len)
                 t0 = time.time()
-                trainable, opt_state, m = train_step(trainable, opt_state, frozen, jnp.asarray(tokens),
-                                                     jnp.asarray(weights))
+                trainable, opt_state, m = train_step(trainable, opt_state, frozen, batch(tokens, 1),
+                                                     batch(weights, 1))
                 loss, gnorm, ok = float(m["loss"]), float(m["grad_norm"]), bool(m["ok"])
                 dt = time.time() - t0
                 _test_pause("step", step + 1)
@@ -575,7 +621,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     bar.close()
     ckpt.close()
 
-    nnx.update(model, jax.tree.map(lambda t, f: t.astype(f.dtype), trainable,
+    nnx.update(model, jax.tree.map(lambda t, f: jnp.asarray(shd.to_host(t), f.dtype), trainable,
                                    nnx.state(model, trainable_filter(cfg.method))))
     meta = {"method": cfg.method, "steps": steps, "lr": lr, "seed": cfg.seed, "data": cfg.data,
             "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "base": str(model_dir)}
