@@ -121,7 +121,10 @@ class Attention(nnx.Module):
     def attend(self, x: jax.Array, positions: jax.Array, kv_valid: jax.Array,
                inv_freq: jax.Array, cache: LayerCache | None, cache_index: jax.Array
                ) -> tuple[jax.Array, LayerCache | None]:
-        """Multi-head attention up to (not including) o_proj: [B, T, heads * head_dim]."""
+        """Multi-head attention up to (not including) o_proj: [B, T, heads * head_dim].
+
+        kv_valid: [B, S] (which key slots exist) or [B, T, S] (which keys each query may see, e.g.
+        one packed example per segment); either way combined with the causal mask."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -134,7 +137,9 @@ class Attention(nnx.Module):
             cache = LayerCache(k, v)
         s = k.shape[1]
         q_slot = cache_index + jnp.arange(t)
-        allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_valid[:, None, :].astype(bool)
+        visible = kv_valid.astype(bool)
+        visible = visible if visible.ndim == 3 else visible[:, None, :]
+        allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & visible
         qg = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_kv_groups, cfg.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)
         scores = scores / math.sqrt(cfg.head_dim)
@@ -217,7 +222,8 @@ class LlamaForCausalLM(nnx.Module):
                 positions: jax.Array | None = None, cache: list[LayerCache] | None = None,
                 cache_index: jax.Array | int = 0) -> tuple[jax.Array, list[LayerCache] | None]:
         """Full forward. With `cache`, keys/values of this chunk are written at `cache_index` and
-        `attention_mask` covers all cache slots [B, S_max]; without, it covers the T inputs."""
+        `attention_mask` covers all cache slots [B, S_max]; without, it covers the T inputs. A
+        [B, T, S] mask says per query which keys it may see (packed training rows)."""
         b, t = input_ids.shape
         cache_index = jnp.asarray(cache_index, jnp.int32)
         if positions is None:

@@ -360,3 +360,42 @@ def test_remat_matches_plain_step(qdirs):
     assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-6)
     for a, b in zip(outs[0][1], outs[1][1]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-6)  # Adam step ~ lr = 1e-3
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_packed_row_equals_examples_alone(qdirs, remat):
+    """A packed row's loss and weak-column gradient equal the sums over its examples, each run in a
+    row of its own (positions from 0, no attention across examples)."""
+    from train.trainer import TrainConfig, build_model, make_optimizer, make_step_fns, split_trainable
+
+    _, q = qdirs
+    tok = StubTokenizer(chat=True)
+    enc = [tdata.encode_example(tok, e) for e in examples(3)]
+    seq = sum(len(i) for i, _ in enc) + 5
+    packed = tdata.pack(enc, seq, 0)
+    assert len(packed) == 1 and packed.segments.max() == 3  # all three in one row, then padding
+    w = packed.loss_weights()
+    model, _, _, _ = build_model(q, "qeft", dtype=jnp.float32, lora_rank=4, lora_alpha=8, seed=0)
+    graphdef, trainable, frozen = split_trainable(model, "qeft")
+    _, loss_sums = make_step_fns(graphdef, make_optimizer(1e-3, TrainConfig(model="", out=""))[0], remat)
+    grad = jax.grad(lambda tr, *a: loss_sums(tr, frozen, *a)[0])
+
+    got = loss_sums(trainable, frozen, packed.tokens, w, packed.segments)
+    got_g = grad(trainable, packed.tokens, w, packed.segments)
+    want, want_n, want_g = 0.0, 0.0, None
+    for s in range(1, 4):
+        cols = np.flatnonzero(packed.segments[0] == s)
+        t = np.zeros((1, seq), np.int32)
+        ww = np.zeros((1, seq), np.float32)
+        t[0, :len(cols)], ww[0, :len(cols)] = packed.tokens[0, cols], w[0, cols]
+        l, n = loss_sums(trainable, frozen, t, ww)  # no segments: a plain causal row
+        want, want_n = want + float(l), want_n + float(n)
+        g = grad(trainable, t, ww)
+        want_g = g if want_g is None else jax.tree.map(jnp.add, want_g, g)
+    assert float(got[1]) == want_n == w.sum()
+    assert float(got[0]) == pytest.approx(want, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+    # the old whole-row causal attention gives a different loss: the test can tell them apart
+    plain = float(loss_sums(trainable, frozen, packed.tokens, w)[0])
+    assert abs(plain - want) > 1e-3 * abs(want)

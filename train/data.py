@@ -9,10 +9,11 @@ format is used and the response is `output + eos`.
 
 Packing: examples are placed first-fit (longest first) into rows of exactly `seq_len` tokens,
 separated by nothing (each example carries its own BOS/EOS from the template), padded at the end.
-Every row records `segments` (1, 2, ... per example, 0 for padding). Positions run through the row
-and attention is causal over the whole row (examples may attend to earlier examples packed in the
-same row, as in constant-length packing); the loss never spans two examples because a target
-token is counted only if it is a response token of the same example as its input token.
+Every row records `segments` (1, 2, ... per example, 0 for padding). The trainer turns them into
+per-example positions (each example starts at 0) and a block-diagonal causal mask
+(`train.trainer.segment_layout`), so a packed example is computed exactly as it would be alone in
+its own row; the loss never spans two examples because a target token is counted only if it is a
+response token of the same example as its input token.
 """
 from __future__ import annotations
 

@@ -189,16 +189,31 @@ def place_state(tx: optax.GradientTransformation, trainable: Any, frozen: Any, m
     return trainable, jax.jit(tx.init, out_shardings=opt_sh)(trainable), frozen
 
 
-def forward_logits(model: nnx.Module, tokens: jax.Array, remat: bool) -> jax.Array:
+def segment_layout(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(positions [B, T], visibility [B, T, T]) of packed rows (train.data.pack's segment ids):
+    every example starts at position 0 and attends only within itself, exactly as if it had a row
+    of its own; padding (segment 0) sees only padding."""
+    t = segments.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    positions = idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return positions, segments[:, :, None] == segments[:, None, :]
+
+
+def forward_logits(model: nnx.Module, tokens: jax.Array, remat: bool, segments: jax.Array | None = None) -> jax.Array:
     """The training forward (no cache), optionally rematerialising each decoder block."""
-    return model.logits(forward_blocks(model, model.hidden_states(tokens), remat))
+    return model.logits(forward_blocks(model, model.hidden_states(tokens), remat, segments))
 
 
-def forward_blocks(model: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
-    """The decoder blocks on embeddings x [B, T, D] (causal, positions 0..T-1)."""
+def forward_blocks(model: nnx.Module, x: jax.Array, remat: bool, segments: jax.Array | None = None) -> jax.Array:
+    """The decoder blocks on embeddings x [B, T, D]: causal over the row, or, given packed
+    `segments` [B, T], within each example (`segment_layout`)."""
     b, t = x.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    kv_valid = jnp.ones((b, t), jnp.int32)
+    if segments is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        kv_valid = jnp.ones((b, t), jnp.int32)
+    else:
+        positions, kv_valid = segment_layout(segments)
     inv_freq = model.inv_freq[...]
     for layer in model.model.layers:
         if remat:
@@ -241,7 +256,8 @@ def step_fns(graphdef: Any, lr: float, cfg: TrainConfig, mesh: Any = None):
 
 
 def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool, mesh: Any = None):
-    """(train_step, eval_sums), both jitted. train_step takes micro-batches stacked [A, mb, L].
+    """(train_step, eval_sums), both jitted. train_step takes micro-batches stacked [A, mb, L]:
+    tokens, loss weights and (optionally) packed segment ids.
 
     With a mesh, the gradient accumulator and the new state are pinned to the FSDP layout of the
     state they come from, so the step maps sharded state to identically sharded state."""
@@ -252,14 +268,14 @@ def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool, 
 
         pin = lambda tree: jax.lax.with_sharding_constraint(tree, fsdp_shardings(tree, mesh))
 
-    def loss_sums(trainable, frozen, tokens, weights):
+    def loss_sums(trainable, frozen, tokens, weights, segments=None):
         model = nnx.merge(graphdef, trainable, frozen)
-        logits = forward_logits(model, tokens, remat)[:, :-1].astype(jnp.float32)
+        logits = forward_logits(model, tokens, remat, segments)[:, :-1].astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         w = weights[:, 1:]
         return jnp.sum(nll * w), jnp.sum(w)
 
-    def train_step(trainable, opt_state, frozen, tokens, weights):
+    def train_step(trainable, opt_state, frozen, tokens, weights, segments=None):
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
         def micro(carry, xs):
@@ -268,7 +284,7 @@ def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool, 
             return (pin(jax.tree.map(jnp.add, g_acc, g)), l_acc + l, n_acc + n), None
 
         init = (pin(jax.tree.map(jnp.zeros_like, trainable)), jnp.float32(0), jnp.float32(0))
-        (g, l, n), _ = jax.lax.scan(micro, init, (tokens, weights))
+        (g, l, n), _ = jax.lax.scan(micro, init, (tokens, weights, segments))
         denom = jnp.maximum(n, 1.0)
         g = jax.tree.map(lambda x: x / denom, g)
         loss = l / denom
@@ -564,11 +580,10 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
         tot, cnt = 0.0, 0.0
         mb = cfg.micro_batch_size
         for i in range(0, len(rows), mb):
-            t, ww = rows.tokens[i:i + mb], w[i:i + mb]
-            if len(t) < mb:  # keep one compiled shape: pad with zero-weight rows
-                t = np.concatenate([t, np.zeros((mb - len(t), t.shape[1]), t.dtype)])
-                ww = np.concatenate([ww, np.zeros((mb - len(ww), ww.shape[1]), ww.dtype)])
-            s, c = eval_sums(trainable, frozen, batch(t, 0), batch(ww, 0))
+            parts = [rows.tokens[i:i + mb], w[i:i + mb], rows.segments[i:i + mb]]
+            if len(parts[0]) < mb:  # keep one compiled shape: pad with zero-weight rows
+                parts = [np.concatenate([x, np.zeros((mb - len(x), x.shape[1]), x.dtype)]) for x in parts]
+            s, c = eval_sums(trainable, frozen, *(batch(x, 0) for x in parts))
             tot, cnt = tot + float(s), cnt + float(c)
         return tot / max(cnt, 1.0)
 
@@ -583,11 +598,13 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                 mf.write(json.dumps({"step": 0, "eval_loss": evaluate(trainable)}) + "\n")  # the baseline
             while step < steps:
                 idx = tdata.rows_for_step(len(train_rows), cfg.batch_size, cfg.seed, step)
-                tokens = train_rows.tokens[idx].reshape(accum, cfg.micro_batch_size, cfg.seq_len)
-                weights = weights_all[idx].reshape(accum, cfg.micro_batch_size, cfg.seq_len)
+                shape = (accum, cfg.micro_batch_size, cfg.seq_len)
+                tokens = train_rows.tokens[idx].reshape(shape)
+                weights = weights_all[idx].reshape(shape)
+                segments = train_rows.segments[idx].reshape(shape)
                 t0 = time.time()
                 trainable, opt_state, m = train_step(trainable, opt_state, frozen, batch(tokens, 1),
-                                                     batch(weights, 1))
+                                                     batch(weights, 1), batch(segments, 1))
                 loss, gnorm, ok = float(m["loss"]), float(m["grad_norm"]), bool(m["ok"])
                 dt = time.time() - t0
                 _test_pause("step", step + 1)
