@@ -1,0 +1,111 @@
+"""Zero-shot task accuracy of several models side by side (e.g. fp vs QEFT 4-bit vs GPTQ 4-bit).
+
+    python benchmarks/task_table.py --models fp=default,qeft4=DIR,gptq4=DIR \
+        --tasks arc_easy,arc_challenge,hellaswag,winogrande,piqa,boolq,mmlu --limit 300 --out results.json
+
+Every model scores the same questions (the first --limit of each task; for mmlu, of each subject)
+with `qeft_jax.eval.tasks.evaluate_tasks`. Results are written to --out after every (model, task),
+so a killed run resumes where it stopped; the file records the settings and models. Prints a markdown table
+of acc / acc_norm with each model's difference to the first, and the binomial standard error of
+the first model's accuracy, sqrt(p(1-p)/n), as a yardstick for those differences.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_models(spec: str) -> dict[str, str]:
+    models = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--models entries must look like NAME=DIR or NAME=default, got {item!r}")
+        if name in models:
+            raise ValueError(f"--models names model {name!r} twice")
+        models[name] = path
+    if not models:
+        raise ValueError("--models is empty")
+    return models
+
+
+def save(out: Path, record: dict) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out)
+
+
+def table(record: dict, models: list[str], tasks: list[str]) -> str:
+    first = models[0]
+    head = ["task", "n"] + [f"{m} acc / acc_norm" for m in models] + [f"±se ({first})"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in tasks:
+        res = [record["results"].get(m, {}).get(t) for m in models]
+        if res[0] is None:
+            continue
+        cells = [t, str(res[0]["n"])]
+        for m, r in zip(models, res):
+            if r is None:
+                cells.append("–")
+                continue
+            cell = f"{100 * r['acc']:.1f} / {100 * r['acc_norm']:.1f}"
+            if m != first:
+                cell += f" ({100 * (r['acc'] - res[0]['acc']):+.1f} / {100 * (r['acc_norm'] - res[0]['acc_norm']):+.1f})"
+            cells.append(cell)
+        p, n = res[0]["acc"], res[0]["n"]
+        cells.append(f"{100 * math.sqrt(p * (1 - p) / n):.1f}")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", required=True, help="NAME=DIR|default,... (the first is the reference)")
+    p.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,winogrande,piqa,boolq,mmlu")
+    p.add_argument("--limit", type=int, default=None, help="the first N questions of each task (subject)")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True, help="JSON results file (resumed if it exists)")
+    a = p.parse_args(argv)
+    from qeft_jax import load_model
+    from qeft_jax.eval import tasks as T
+
+    models = parse_models(a.models)
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    for t in tasks:
+        T.resolve_task(t)
+    out = Path(a.out)
+    settings = {"limit": a.limit, "num_fewshot": a.num_fewshot}
+    record = json.loads(out.read_text()) if out.is_file() else {"settings": settings, "results": {}, "seconds": {}}
+    if record["settings"] != settings:
+        raise ValueError(f"{out} holds results for {record['settings']}, not {settings}; use another --out")
+    record["models"] = models
+    loaded: dict[str, tuple] = {}
+    for t in tasks:  # task by task, so a partial run still compares every model on the tasks it did
+        for name, path in models.items():
+            if t in record["results"].get(name, {}):
+                continue
+            if name not in loaded:
+                loaded[name] = load_model(path)[:2]
+            model, tok = loaded[name]
+            t0 = time.time()
+            res = T.evaluate_tasks(model, tok, [t], limit=a.limit, num_fewshot=a.num_fewshot,
+                                   batch_size=a.batch_size)[t]
+            record["results"].setdefault(name, {})[t] = {k: res[k] for k in ("acc", "acc_norm", "n")}
+            record["seconds"].setdefault(name, {})[t] = round(time.time() - t0, 1)
+            save(out, record)
+            print(f"{name} {t}: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} n {res['n']} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    print(table(record, list(models), tasks))
+    print(json.dumps(record["results"]))
+
+
+if __name__ == "__main__":
+    main()
