@@ -191,19 +191,11 @@ def check_merge(tuned: Path, base: Path, full: Path, merged: Path) -> dict:
 # ------------------------------------------------------------------------------------ evaluation
 def per_question(model, tok, task: str, limit: int | None) -> tuple[dict, np.ndarray, np.ndarray]:
     """evaluate_tasks' 0-shot scoring of one task, keeping each question's outcome."""
-    from qeft_jax.eval.tasks import choice_metrics, load_questions, loglikelihoods
+    from qeft_jax.eval.tasks import load_questions, score_questions
 
-    qs = load_questions(task, "eval", limit)
-    reqs = [(c, x) for q in qs for c, x in zip(q.contexts, q.continuations)]
-    scores = loglikelihoods(model, tok, reqs, batch_size=8)
-    acc, norm, k = [], [], 0
-    for q in qs:
-        a, an = choice_metrics([s for s, _ in scores[k:k + len(q.contexts)]], q.continuations, q.gold)
-        k += len(q.contexts)
-        acc.append(a)
-        norm.append(an)
-    acc, norm = np.asarray(acc, bool), np.asarray(norm, bool)
-    return {"acc": float(acc.mean()), "acc_norm": float(norm.mean()), "n": len(qs)}, acc, norm
+    r = score_questions(model, tok, load_questions(task, "eval", limit), batch_size=8)
+    o = r.pop("outcomes")
+    return r, np.asarray(o["acc"], bool), np.asarray(o["acc_norm"], bool)
 
 
 def model_key(path: Path, limit: int | None) -> str:

@@ -5,9 +5,11 @@
 
 Every model scores the same questions (the first --limit of each task; for mmlu, of each subject)
 with `qeft_jax.eval.tasks.evaluate_tasks`. Results are written to --out after every (model, task),
-so a killed run resumes where it stopped; the file records the settings and models. Prints a markdown table
-of acc / acc_norm with each model's difference to the first, and the binomial standard error of
-the first model's accuracy, sqrt(p(1-p)/n), as a yardstick for those differences.
+so a killed run resumes where it stopped; the file records the settings, the models and every
+question's outcome. Prints a markdown table of acc / acc_norm in points, each model's difference
+to the first with its paired standard error (the models answer the same questions, so the
+difference's error is sd(outcome_m - outcome_first) / sqrt(n), much smaller than either
+accuracy's own binomial error, which is shown for the first model).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,6 +46,13 @@ def save(out: Path, record: dict) -> None:
     os.replace(tmp, out)
 
 
+def paired_diff(a: list[int], b: list[int]) -> tuple[float, float]:
+    """(mean(b - a), its standard error) over paired 0/1 outcomes, in points."""
+    d = np.asarray(b, float) - np.asarray(a, float)
+    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return 100 * d.mean(), 100 * se
+
+
 def table(record: dict, models: list[str], tasks: list[str]) -> str:
     first = models[0]
     head = ["task", "n"] + [f"{m} acc / acc_norm" for m in models] + [f"±se ({first})"]
@@ -57,7 +68,8 @@ def table(record: dict, models: list[str], tasks: list[str]) -> str:
                 continue
             cell = f"{100 * r['acc']:.1f} / {100 * r['acc_norm']:.1f}"
             if m != first:
-                cell += f" ({100 * (r['acc'] - res[0]['acc']):+.1f} / {100 * (r['acc_norm'] - res[0]['acc_norm']):+.1f})"
+                diffs = [paired_diff(res[0]["outcomes"][k], r["outcomes"][k]) for k in ("acc", "acc_norm")]
+                cell += " (" + " / ".join(f"{d:+.1f}±{e:.1f}" for d, e in diffs) + ")"
             cells.append(cell)
         p, n = res[0]["acc"], res[0]["n"]
         cells.append(f"{100 * math.sqrt(p * (1 - p) / n):.1f}")
@@ -97,14 +109,15 @@ def main(argv: list[str] | None = None) -> None:
             model, tok = loaded[name]
             t0 = time.time()
             res = T.evaluate_tasks(model, tok, [t], limit=a.limit, num_fewshot=a.num_fewshot,
-                                   batch_size=a.batch_size)[t]
-            record["results"].setdefault(name, {})[t] = {k: res[k] for k in ("acc", "acc_norm", "n")}
+                                   batch_size=a.batch_size, keep_outcomes=True)[t]
+            record["results"].setdefault(name, {})[t] = res
             record["seconds"].setdefault(name, {})[t] = round(time.time() - t0, 1)
             save(out, record)
             print(f"{name} {t}: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} n {res['n']} "
                   f"({time.time() - t0:.0f} s)", flush=True)
     print(table(record, list(models), tasks))
-    print(json.dumps(record["results"]))
+    print(json.dumps({m: {t: {k: r[k] for k in ("acc", "acc_norm", "n")} for t, r in res.items()}
+                      for m, res in record["results"].items()}))
 
 
 if __name__ == "__main__":

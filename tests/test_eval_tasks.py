@@ -176,7 +176,8 @@ def test_score_questions_uses_the_reference_argmax(tiny):
         chars = [len(x) - 1 for x in q.continuations]  # without the leading space
         acc.append(int(np.argmax(lps)) == q.gold)
         norm.append(int(np.argmax(np.array(lps) / chars)) == q.gold)
-    assert res == {"acc": pytest.approx(np.mean(acc)), "acc_norm": pytest.approx(np.mean(norm)), "n": 3}
+    assert res == {"acc": pytest.approx(np.mean(acc)), "acc_norm": pytest.approx(np.mean(norm)), "n": 3,
+                   "outcomes": {"acc": [int(x) for x in acc], "acc_norm": [int(x) for x in norm]}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,11 +339,16 @@ def test_mmlu_aggregate_is_the_micro_average(tiny_char, monkeypatch):
     load = T.load_questions
     monkeypatch.setattr(T, "load_questions", lambda task, split="eval", limit=None: load(
         task, split, {"mmlu_abstract_algebra": 4, "mmlu_anatomy": 2}[task]))
-    res = T.evaluate_tasks(model, tok, ["mmlu", "mmlu_abstract_algebra", "mmlu_anatomy"], progress=False)
+    res = T.evaluate_tasks(model, tok, ["mmlu", "mmlu_abstract_algebra", "mmlu_anatomy"], progress=False,
+                           keep_outcomes=True)
     a, b = res["mmlu_abstract_algebra"], res["mmlu_anatomy"]
     assert (a["n"], b["n"], res["mmlu"]["n"]) == (4, 2, 6)
     for k in ("acc", "acc_norm"):
         assert res["mmlu"][k] == pytest.approx((4 * a[k] + 2 * b[k]) / 6)
+        # per-question outcomes: the subtasks' in order, and their mean is the score
+        assert res["mmlu"]["outcomes"][k] == a["outcomes"][k] + b["outcomes"][k]
+        assert np.mean(res["mmlu"]["outcomes"][k]) == pytest.approx(res["mmlu"][k])
+    assert "outcomes" not in T.evaluate_tasks(model, tok, ["mmlu_anatomy"], progress=False)["mmlu_anatomy"]
 
 
 def test_cli_tasks_mmlu(tiny_char, capsys):

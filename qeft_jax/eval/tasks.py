@@ -459,8 +459,9 @@ def choice_metrics(logprobs: Sequence[float], continuations: Sequence[str], gold
 
 def score_questions(model: nnx.Module, tokenizer: Any, questions: Sequence[Question], *,
                     batch_size: int = 8, max_length: int | None = None, progress: bool = False,
-                    desc: str = "scoring") -> dict[str, float]:
-    """{"acc", "acc_norm", "n"} over questions (means; nan when there are none)."""
+                    desc: str = "scoring") -> dict[str, Any]:
+    """{"acc", "acc_norm", "n"} over questions (means; nan when there are none), and "outcomes":
+    {"acc": [...], "acc_norm": [...]}, each question's 0/1 result in order (for paired comparisons)."""
     reqs = [(c, x) for q in questions for c, x in zip(q.contexts, q.continuations)]
     scores = loglikelihoods(model, tokenizer, reqs, batch_size=batch_size, max_length=max_length,
                             progress=progress, desc=desc)
@@ -473,18 +474,20 @@ def score_questions(model: nnx.Module, tokenizer: Any, questions: Sequence[Quest
         norms.append(an)
     n = len(questions)
     return {"acc": float(np.mean(accs)) if n else math.nan,
-            "acc_norm": float(np.mean(norms)) if n else math.nan, "n": n}
+            "acc_norm": float(np.mean(norms)) if n else math.nan, "n": n,
+            "outcomes": {"acc": [int(x) for x in accs], "acc_norm": [int(x) for x in norms]}}
 
 
 def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limit: int | None = None,
                    num_fewshot: int = 0, batch_size: int = 8, *, seed: int = DEFAULT_SEED,
-                   max_length: int | None = None, progress: bool = True
-                   ) -> dict[str, dict[str, float]]:
+                   max_length: int | None = None, progress: bool = True, keep_outcomes: bool = False
+                   ) -> dict[str, dict[str, Any]]:
     """task -> {"acc", "acc_norm", "n"} on each task's validation questions.
 
     limit: the first `limit` questions of each task (for an aggregate such as "mmlu": of each
     subtask; the aggregate is the micro average, the mean over all its subtasks' questions pooled).
     num_fewshot: solved train examples put before each question (see the module docstring).
+    keep_outcomes: also return "outcomes" per task (see `score_questions`; subtasks concatenated).
     """
     if tokenizer is None:
         raise ValueError("task evaluation needs a tokenizer; this checkpoint has none")
@@ -496,18 +499,18 @@ def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limi
     plan = {t: resolve_task(t) for t in tasks}  # every name checked before any work
     results: dict[str, dict[str, float]] = {}
     for task, subs in plan.items():
-        sums = {"acc": 0.0, "acc_norm": 0.0, "n": 0}
+        outcomes: dict[str, list[int]] = {"acc": [], "acc_norm": []}
         for sub in subs:
             qs = add_fewshot(sub, load_questions(sub, "eval", limit), num_fewshot, seed)
             r = score_questions(model, tokenizer, qs, batch_size=batch_size, max_length=max_length,
                                 progress=progress, desc=sub)
-            if r["n"]:
-                sums["acc"] += r["acc"] * r["n"]
-                sums["acc_norm"] += r["acc_norm"] * r["n"]
-                sums["n"] += r["n"]
-        n = sums["n"]
-        results[task] = {"acc": sums["acc"] / n if n else math.nan,
-                         "acc_norm": sums["acc_norm"] / n if n else math.nan, "n": n}
+            for m in outcomes:
+                outcomes[m] += r["outcomes"][m]
+        n = len(outcomes["acc"])
+        results[task] = {"acc": sum(outcomes["acc"]) / n if n else math.nan,
+                         "acc_norm": sum(outcomes["acc_norm"]) / n if n else math.nan, "n": n}
+        if keep_outcomes:
+            results[task]["outcomes"] = outcomes
     return results
 
 
