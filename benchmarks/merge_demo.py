@@ -191,9 +191,9 @@ def check_merge(tuned: Path, base: Path, full: Path, merged: Path) -> dict:
 # ------------------------------------------------------------------------------------ evaluation
 def per_question(model, tok, task: str, limit: int | None) -> tuple[dict, np.ndarray, np.ndarray]:
     """evaluate_tasks' 0-shot scoring of one task, keeping each question's outcome."""
-    from qeft_jax.eval.tasks import load_questions, score_questions
+    from qeft_jax.eval.tasks import evaluate_tasks
 
-    r = score_questions(model, tok, load_questions(task, "eval", limit), batch_size=8)
+    r = evaluate_tasks(model, tok, [task], limit=limit, batch_size=8, keep_outcomes=True)[task]
     o = r.pop("outcomes")
     return r, np.asarray(o["acc"], bool), np.asarray(o["acc_norm"], bool)
 
@@ -203,9 +203,9 @@ def model_key(path: Path, limit: int | None) -> str:
     return f"{path}|{st.st_size}|{st.st_mtime_ns}|{limit}"
 
 
-def evaluate_all(dirs: dict[str, Path], limit: int | None, cache_path: Path, reuse: bool,
-                 cross_check: bool) -> tuple[dict, dict]:
-    from qeft_jax.eval.tasks import evaluate_tasks
+def evaluate_all(dirs: dict[str, Path], limit: int | None, cache_path: Path, reuse: bool
+                 ) -> tuple[dict, dict]:
+    from qeft_jax.io import write_json_atomic
     from qeft_jax.load import load_model
 
     cache = json.loads(cache_path.read_text()) if reuse and cache_path.is_file() else {}
@@ -228,22 +228,12 @@ def evaluate_all(dirs: dict[str, Path], limit: int | None, cache_path: Path, reu
             outcomes[name][task] = {"acc": acc, "acc_norm": norm}
             log(f"eval {name} {task}: acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f} (n={r['n']}, "
                 f"{time.time() - t1:.0f} s)")
-        if cross_check:  # the per-question path must agree with evaluate_tasks itself
-            ref = evaluate_tasks(model, tok, list(TASKS), limit=limit, num_fewshot=0, progress=False)
-            for task in TASKS:
-                for m in ("acc", "acc_norm", "n"):
-                    if ref[task][m] != scores[name][task][m]:
-                        raise AssertionError(f"{name} {task} {m}: per-question {scores[name][task][m]} != "
-                                             f"evaluate_tasks {ref[task][m]}")
-            log(f"eval {name}: per-question scoring matches evaluate_tasks")
         del model
         log(f"eval {name}: {time.time() - t0:.0f} s")
         cache.setdefault(name, {})[key] = {
             "scores": scores[name],
             "outcomes": {t: {m: v.astype(int).tolist() for m, v in o.items()} for t, o in outcomes[name].items()}}
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_path)
+        write_json_atomic(cache_path, cache)
     return scores, outcomes
 
 
@@ -344,7 +334,7 @@ def main() -> None:
 
     t0 = time.time()
     dirs = {"fp": fp_dir, "qeft_base": q_dir, "qeft_tuned_A": t_dir, "full_B": f_dir, "merged": m_dir}
-    scores, outcomes = evaluate_all(dirs, limit, out / "evals.json", a.reuse, cross_check=a.quick)
+    scores, outcomes = evaluate_all(dirs, limit, out / "evals.json", a.reuse)
     timings["eval_s"] = round(time.time() - t0, 1)
     timings["total_s"] = round(time.time() - T0, 1)
 

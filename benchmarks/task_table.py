@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,12 +37,6 @@ def parse_models(spec: str) -> dict[str, str]:
     if not models:
         raise ValueError("--models is empty")
     return models
-
-
-def save(out: Path, record: dict) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
 
 
 def paired_diff(a: list[int], b: list[int]) -> tuple[float, float]:
@@ -88,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     from qeft_jax import load_model
     from qeft_jax.eval import tasks as T
+    from qeft_jax.io import write_json_atomic
 
     models = parse_models(a.models)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
@@ -112,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                                    batch_size=a.batch_size, keep_outcomes=True)[t]
             record["results"].setdefault(name, {})[t] = res
             record["seconds"].setdefault(name, {})[t] = round(time.time() - t0, 1)
-            save(out, record)
+            write_json_atomic(out, record, indent=1)
             print(f"{name} {t}: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} n {res['n']} "
                   f"({time.time() - t0:.0f} s)", flush=True)
     print(table(record, list(models), tasks))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, needed by safetensors.numpy)
 import numpy as np
@@ -56,6 +56,22 @@ def fetch_wheel(requirement: str) -> Path:
         target = dest / wheels[0].name
         os.replace(wheels[0], target)
     return target
+
+
+def atomic_file(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then fsync and rename over `path`: a reader sees the old file or the new one,
+    never a partial one. The temporary is `path` + ".tmp" beside it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any, **dumps_kwargs: Any) -> None:
+    """`obj` as JSON at `path`, written with `atomic_file`."""
+    atomic_file(path, lambda p: p.write_text(json.dumps(obj, **dumps_kwargs)))
 
 
 def check_output_dir(out: str | Path, *, overwrite: bool) -> None:

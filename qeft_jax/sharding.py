@@ -46,9 +46,10 @@ What is tested: a single host with 4 fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=4, tests/test_sharding.py): block outputs and
 Hessians match the single-device run, a whole quantization gives the same weak index, codes
 and logits, and FSDP training (qeft and full) gives the losses and tuned weights of the
-single-device run, also when resumed on a different number of devices. What is NOT tested: real multi-host runs (`jax.distributed`, the all-gather of
-activations across processes), real GPUs/TPUs, and a 'model' axis > 1 (the mesh helper accepts it,
-but calibration only uses the 'data' axis; weights are replicated over 'model').
+single-device run, also when resumed on a different number of devices. What is NOT tested: real
+multi-host runs (`jax.distributed`, the all-gather of activations across processes), real
+GPUs/TPUs, and a 'model' axis > 1 (the mesh helper accepts it, but calibration and training only
+use the 'data' axis; arrays are replicated over 'model').
 """
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from qeft_jax import sharding as shd
+from qeft_jax.io import write_json_atomic
 from train import data as tdata
 
 METHODS = ("qeft", "qlora", "lora", "full")
@@ -264,9 +265,7 @@ def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool, 
     if mesh is None:
         pin = lambda tree: tree
     else:
-        from qeft_jax.sharding import fsdp_shardings
-
-        pin = lambda tree: jax.lax.with_sharding_constraint(tree, fsdp_shardings(tree, mesh))
+        pin = lambda tree: jax.lax.with_sharding_constraint(tree, shd.fsdp_shardings(tree, mesh))
 
     def loss_sums(trainable, frozen, tokens, weights, segments=None):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -508,9 +507,7 @@ def _check_config(out: Path, record: dict[str, Any]) -> None:
                              + "); use a new --out or --overwrite")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "train_config.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_json_atomic(path, record, indent=2, sort_keys=True)
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -646,7 +643,5 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     summary = {"step": steps, "method": cfg.method, "final_loss": last_loss, "trainable_params": n_params,
                "optimizer_state_elems": n_opt, "train_rows": len(train_rows), "seconds_this_run":
                round(time.time() - t_run, 2), "out": str(out)}
-    tmp = out / "train_done.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, done)
+    write_json_atomic(done, summary, indent=2)
     return summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from qeft_jax.config import LlamaConfig
-from qeft_jax.io import SafetensorsReader, atomic_dir, check_output_dir, tokenizer_files
+from qeft_jax.io import (SafetensorsReader, atomic_dir, atomic_file, check_output_dir, tokenizer_files,
+                         write_json_atomic)
 from qeft_jax.params import LINEAR_NAMES, check_tensors_against, expected_shapes
 from qeft_jax.qlinear import QEFTLinear
 from qeft_jax.quant.calibrate import GROUP_OF, CalibrationError, build_layer, run_block
@@ -261,16 +261,8 @@ class ResumeState:
             return None
 
     def _write_state(self) -> None:
-        self._atomic(self.dir / "state.json", lambda p: p.write_text(json.dumps(
-            {"key": self.key, "done": self.done, "global_idx": [int(v) for v in self.global_idx]})))
-
-    @staticmethod
-    def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(self.dir / "state.json",
+                          {"key": self.key, "done": self.done, "global_idx": [int(v) for v in self.global_idx]})
 
     def save_global_idx(self, idx: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -280,7 +272,7 @@ class ResumeState:
     def save_selection(self, stats: dict[str, np.ndarray]) -> None:
         """Per-layer sensitivities of pass 1, shipped in the checkpoint as selection.safetensors."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._atomic(self.dir / "selection.safetensors", lambda p: save_file(
+        atomic_file(self.dir / "selection.safetensors", lambda p: save_file(
             {k: np.ascontiguousarray(v, np.float32) for k, v in stats.items()}, str(p)))
 
     def extra_files(self) -> dict[str, bytes]:
@@ -288,9 +280,9 @@ class ResumeState:
         return {f.name: f.read_bytes()} if f.is_file() else {}
 
     def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: np.ndarray) -> None:
-        self._atomic(self.dir / f"block_{i}.safetensors", lambda p: save_file(
+        atomic_file(self.dir / f"block_{i}.safetensors", lambda p: save_file(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
-        self._atomic(self.dir / f"x_{i}.npy", lambda p: _save_npy(p, x))
+        atomic_file(self.dir / f"x_{i}.npy", lambda p: _save_npy(p, x))
         self.done = i
         self._write_state()
         (self.dir / f"x_{i - 1}.npy").unlink(missing_ok=True)
