@@ -1,18 +1,18 @@
 """Decode speed: the fp model against its QEFT 4-bit version, same prompt, same process.
 
-    python benchmarks/decode.py [--quick] [--qeft DIR] [--max-new-tokens N] [--batch B]
+    python benchmarks/decode.py [--quick] [--qeft DIR] [--max-new-tokens N] [--batch B] [--models default,large]
 
 1. load the default model (SmolLM2-135M-Instruct) in fp;
 2. quantize it with QEFT (4-bit, g128, k=16, OPTQ) into a temp dir, or reuse/write --qeft DIR. The
    calibration set is RANDOM token ids (4 x 128): enough to exercise the pipeline and produce the
    packed layout whose speed is measured here, useless for quality (see benchmarks/quality.py);
-3. time both with `qeft_jax.generate.benchmark`: greedy, stop tokens ignored so every run decodes
+3. time both with `qeft_jax.generation.benchmark`: greedy, stop tokens ignored so every run decodes
    exactly N tokens, one warm-up call first (compile excluded), median of the timed runs.
 
 On a GPU (jax.default_backend() == "gpu") both models run in bfloat16 and the QEFT linears use the
-Pallas kernel; a 1B-class Llama-shaped model with random weights (hidden 2048, 16 layers,
-intermediate 5632, vocab 32000, 32 heads / 4 kv heads) is added: its fp checkpoint is written from
-random tensors and quantized to the QEFT layout (k=16 weak columns, g128) with RTN rounding
+Pallas kernel, and a 1B-class Llama-shaped model with random weights (hidden 2048, 16 layers,
+intermediate 5632, vocab 32000, 32 heads / 4 kv heads; `--models large` alone needs no download) is
+added: its fp checkpoint is written from random tensors and quantized to the QEFT layout (k=16 weak columns, g128) with RTN rounding
 (optq=False) for speed. On CPU the models run in float32 and QEFT uses the XLA reference path
 (dequantize + dot), so no speed-up is expected there.
 
@@ -23,28 +23,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from qeft_jax.cli import run_cli  # noqa: E402
-from qeft_jax.config import LlamaConfig  # noqa: E402
-from qeft_jax.generate import (GenerationStats, benchmark, default_pad_id, encode_prompts,  # noqa: E402
-                               generate_text)
-from qeft_jax.io import write_checkpoint  # noqa: E402
-from qeft_jax.load import default_model_dir, load_model  # noqa: E402
-from qeft_jax.params import expected_shapes  # noqa: E402
-from qeft_jax.quant.pipeline import quantize_checkpoint  # noqa: E402
-from qeft_jax.quant.recipes import make_recipe  # noqa: E402
+from qeft_jax.cli import comma_list, run_cli
+from qeft_jax.config import LlamaConfig
+from qeft_jax.generation import GenerationStats, benchmark, generate_text
+from qeft_jax.checkpoint import write_fp
+from qeft_jax.load import default_model_dir, load_model
+from qeft_jax.spec import fp_shapes
+from qeft_jax.tokenization import batch_prompt_ids, pad_id
+from qeft_jax.quant.pipeline import quantize_checkpoint
+from qeft_jax.recipes import make_recipe
 
 PROMPT = "Write a short paragraph about the history of the printing press."
 CALIB_SHAPE = (4, 128)  # random token ids: a speed benchmark needs the packed layout, not quality
@@ -75,19 +70,19 @@ def random_checkpoint(cfg: LlamaConfig, out: Path, seed: int = 0) -> Path:
     """An fp16 checkpoint of random weights (N(0, 0.02) matrices, unit norms) for shape-only timing."""
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in fp_shapes(cfg).items():
         if name.endswith("norm.weight"):
             tensors[name] = np.ones(shape, np.float16)
         else:
             tensors[name] = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float16)
     out.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(out, cfg.to_hf_dict(), tensors)
+    write_fp(out, cfg.to_hf_dict(), tensors)
     return out
 
 
 def time_model(label: str, path: Path, prompt_ids, tok, a, dtype) -> tuple[GenerationStats, int, str]:
     model, _, _ = load_model(path, dtype=dtype, param_dtype=dtype)
-    pad = default_pad_id(model, tok)
+    pad = pad_id(tok, model.config)
     stats = benchmark(model, prompt_ids, max_new_tokens=a.max_new_tokens, repeats=a.repeats, pad_id=pad)
     text = ""
     if tok is not None:  # same shapes as the benchmark: no new compile
@@ -132,33 +127,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="decode length (quick 32, else 128)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per model (quick 2, else 5)")
     p.add_argument("--batch", type=int, default=1, help="prompts per batch (the same prompt repeated)")
+    p.add_argument("--models", type=comma_list, default=None, metavar="default,large",
+                   help="which models to time (default: both on a GPU, the default model elsewhere); "
+                        "'large' is a random-weight 1B-class Llama that needs no download")
     a = p.parse_args(argv)
     a.max_new_tokens = a.max_new_tokens or (32 if a.quick else 128)
     a.repeats = a.repeats or (2 if a.quick else 5)
     if a.max_new_tokens < 2 or a.batch < 1 or a.repeats < 1:
         raise ValueError("need --max-new-tokens >= 2, --batch >= 1, --repeats >= 1")
+    if a.models and set(a.models) - {"default", "large"}:
+        raise ValueError(f"--models takes 'default' and/or 'large', got {','.join(a.models)}")
 
     gpu = jax.default_backend() == "gpu"
+    models = a.models or (["default", "large"] if gpu else ["default"])
     dtype = jnp.bfloat16 if gpu else jnp.float32
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), compute dtype "
           f"{jnp.dtype(dtype).name}")
     print(f"calibration for quantization: RANDOM token ids {CALIB_SHAPE[0]}x{CALIB_SHAPE[1]} "
           f"(acceptable for a speed benchmark; not for quality)")
 
-    src = default_model_dir()
-    _, tok, cfg = load_model(src)
-    prompt_ids = encode_prompts(tok, [PROMPT] * a.batch)
     result = {}
     with tempfile.TemporaryDirectory(prefix="qeft-decode-") as tmp:
-        q_dir = a.qeft or Path(tmp) / "qeft-4bit"
-        if (q_dir / "quantization.json").is_file():
-            print(f"reusing QEFT checkpoint {q_dir}")
-        else:
-            quantize(src, q_dir, make_recipe("qeft", bits=4, group_size=128, k=16), cfg.vocab_size)
-        fp_s, q_s = bench_pair(f"default model ({src.name})", src, q_dir, prompt_ids, tok, a, dtype)
-        result.update(fp_tok_s=round(fp_s, 2), qeft_tok_s=round(q_s, 2), ratio=round(q_s / fp_s, 3))
+        if "default" in models:
+            src = default_model_dir()
+            _, tok, cfg = load_model(src)
+            prompt_ids = batch_prompt_ids(tok, [PROMPT] * a.batch)
+            q_dir = a.qeft or Path(tmp) / "qeft-4bit"
+            if (q_dir / "quantization.json").is_file():
+                print(f"reusing QEFT checkpoint {q_dir}")
+            else:
+                quantize(src, q_dir, make_recipe("qeft", bits=4, group_size=128, k=16), cfg.vocab_size)
+            fp_s, q_s = bench_pair(f"default model ({src.name})", src, q_dir, prompt_ids, tok, a, dtype)
+            result.update(fp_tok_s=round(fp_s, 2), qeft_tok_s=round(q_s, 2), ratio=round(q_s / fp_s, 3))
 
-        if gpu:
+        if "large" in models:
             print("\nlarge model: random-weight Llama (hidden 2048, 16 layers, inter 5632, vocab 32000)")
             big_fp = random_checkpoint(LARGE, Path(tmp) / "large-fp")
             big_q = Path(tmp) / "large-qeft"

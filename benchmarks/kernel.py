@@ -1,7 +1,8 @@
 """Benchmark / check the fused QEFT kernel (pallas_kernels/qeft_gemv.py).
 
     python benchmarks/kernel.py [--quick]        # GPU: time shapes; CPU: interpret + lowering checks
-    python benchmarks/kernel.py --autotune       # GPU only: fill pallas_kernels/block_table.json
+    python benchmarks/kernel.py --autotune       # GPU only: fill the block table (block_table.table_path())
+    python benchmarks/kernel.py --shapes 11008x4096,4096x4096   # time / autotune only these
     python benchmarks/kernel.py --print-table    # show the block table
 
 On a GPU, per GEMV shape (out x in) and M: kernel µs, effective GB/s (bytes the kernel must read:
@@ -16,8 +17,10 @@ Always (GPU or not): the interpret-mode kernel is compared with ``qeft_matmul_re
 shapes, and every (bits, group, dtype) config plus each benchmark shape is lowered for CUDA with
 ``jax.export`` (platforms=["cuda"]). Without a GPU nothing can be timed and the script says so.
 
-The last line printed is JSON: interpret_max_rel_err, lowers_for_cuda, and on a GPU
-speedup_vs_bf16 (in=4096, out=11008, M=1) among others.
+The last line printed is JSON: interpret_max_rel_err, lowers_for_cuda, gpu, timed, and on a GPU
+gpu_check_max_rel_err (the interpret grid compiled for the GPU), speedup_vs_bf16 (in=4096,
+out=11008, M=1) and "rows" ({"<out>x<in>_M<m>": {us, us_bf16, us_dequant, gbps, ...}}: what
+``python -m qeft_jax.plot kernel-speed`` draws) among others.
 """
 from __future__ import annotations
 
@@ -28,20 +31,14 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pallas_kernels import block_table  # noqa: E402
-from pallas_kernels.qeft_gemv import dequant_matmul, qeft_matmul  # noqa: E402
-from pallas_kernels.testing import lower_for_cuda, random_inputs, rel_err  # noqa: E402
-from qeft_jax.quant.pack import num_groups, qeft_matmul_ref, values_per_word  # noqa: E402
+from pallas_kernels import block_table
+from pallas_kernels.qeft_gemv import dequant_matmul, qeft_matmul
+from pallas_kernels.testing import lower_for_cuda, random_inputs, rel_err
+from qeft_jax.packing import num_groups, qeft_matmul_ref, values_per_word
 
 # (out, in): Llama-7B-like, Llama-70B-like MLP, and the default model (hidden 576, inter 1536,
 # 192 = k/v projection width)
@@ -58,6 +55,14 @@ HBM_PEAK = [("H200", 4.8e12), ("GH200", 4.0e12), ("H100 PCIe", 2.0e12), ("H100",
 L2_SPILL_BYTES = 120e6
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'11008x4096,576x576' -> [(11008, 4096), (576, 576)] (out x in)."""
+    try:
+        return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]  # type: ignore[misc]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes are OUTxIN,... (e.g. 11008x4096), got {text!r}") from None
+
+
 def hbm_peak(kind: str) -> float | None:
     for sub, bw in HBM_PEAK:
         if sub in kind:
@@ -66,7 +71,9 @@ def hbm_peak(kind: str) -> float | None:
 
 
 # ------------------------------------------------------------------ checks that need no GPU
-def interpret_checks(quick: bool) -> float:
+def correctness_checks(quick: bool, interpret: bool) -> float:
+    """Max relative error of the kernel against qeft_matmul_ref over a config grid: in interpret mode
+    (any machine) or compiled for the GPU (interpret=False)."""
     #        out   n     bits g    k   M  dtype          scattered
     cases = [(576, 576, 4, 128, 16, 1, jnp.bfloat16, False),
              (1536, 576, 3, 64, 5, 3, jnp.float16, True),
@@ -81,11 +88,11 @@ def interpret_checks(quick: bool) -> float:
         x, qw, s, z, weak, idx = random_inputs(out, n, bits=bits, group_size=g, k=k, m=m, dtype=dt,
                                                scattered=sc)
         t0 = time.perf_counter()
-        y = qeft_matmul(x, qw, s, z, weak, idx, bits=bits, group_size=g, interpret=True)
+        y = qeft_matmul(x, qw, s, z, weak, idx, bits=bits, group_size=g, interpret=interpret)
         ref = qeft_matmul_ref(x, qw, s, z, weak, idx, bits=bits, group_size=g)
         err = rel_err(y, ref)
         worst = max(worst, err)
-        print(f"interpret {out:>5}x{n:<5} bits={bits} g={g:<3} k={k:<3} M={m} "
+        print(f"{'interpret' if interpret else 'gpu':9s} {out:>5}x{n:<5} bits={bits} g={g:<3} k={k:<3} M={m} "
               f"{jnp.dtype(dt).name:8s} rel_err={err:.2e} ({time.perf_counter() - t0:.1f}s)")
     return worst
 
@@ -126,17 +133,26 @@ def _time(fn, args, reps: int) -> float:
 
 
 def _make_copies(out, n, m, bits, group, k, copies, dtype=jnp.bfloat16):
-    sets = [random_inputs(out, n, bits=bits, group_size=group, k=k, m=m, dtype=dtype,
-                          scattered=True, seed=i) for i in range(copies)]
-    return [jnp.stack(t) for t in zip(*sets)]  # x, qw, s, z, weak, idx each [C, ...]
+    """`copies` independent input sets (x, qw, s, z, weak, idx), each its own device buffers."""
+    return [random_inputs(out, n, bits=bits, group_size=group, k=k, m=m, dtype=dtype, scattered=True,
+                          seed=i) for i in range(copies)]
 
 
 def _unrolled(op):
-    """jit(fn over C copies): one dispatch runs op C times on distinct weights (no CSE/hoisting)."""
-    def run(*stacked):
-        c = stacked[0].shape[0]
-        return [op(*(a[i] for a in stacked)) for i in range(c)]
-    return jax.jit(run)
+    """jit(fn over C input sets): one dispatch runs op C times on distinct weights (no CSE/hoisting).
+    The sets arrive as separate arguments, never slices of one stacked array: a slice feeding a
+    custom call (the Pallas kernel) or a dot can be materialised as a copy, which would be timed too."""
+    return jax.jit(lambda sets: [op(*args) for args in sets])
+
+
+def warm_up_gpu(seconds: float = 2.0) -> None:
+    """Raise the GPU's clocks before timing: an idle H100/H200 sits at a few hundred MHz and needs
+    sustained load to boost, which a handful of microsecond-scale timed calls never gives it."""
+    a = jnp.ones((8192, 8192), jnp.bfloat16)
+    f = jax.jit(lambda a: a @ a)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        f(a).block_until_ready()
 
 
 def time_shape(out, n, m, bits, group, k, reps, kernel_kw=None):
@@ -144,28 +160,28 @@ def time_shape(out, n, m, bits, group, k, reps, kernel_kw=None):
     g = num_groups(n, group)
     qbytes = out * (-(-n // vpw)) * 4 + 2 * out * g * 2 + out * k * 2 + 2 * m * (n + out)
     c = _copies(qbytes)
-    x, qw, s, z, weak, idx = _make_copies(out, n, m, bits, group, k, c)
+    sets = _make_copies(out, n, m, bits, group, k, c)
     kw = dict(kernel_kw or {})
     kern = _unrolled(lambda *a: qeft_matmul(*a, bits=bits, group_size=group, **kw))
     deq = _unrolled(lambda *a: dequant_matmul(*a, bits=bits, group_size=group))
-    w_dense = jnp.asarray(np.random.default_rng(0).normal(size=(c, n, out)), jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(0), c)
+    dense_sets = [(x, jax.random.normal(key, (n, out), jnp.bfloat16)) for (x, *_), key in zip(sets, keys)]
     dense = _unrolled(lambda xx, w: jnp.dot(xx, w, preferred_element_type=jnp.float32)
                       .astype(jnp.bfloat16))
-    args = (x, qw, s, z, weak, idx)
-    t_k = _time(kern, args, reps) / c
-    t_d = _time(deq, args, reps) / c
-    t_b = _time(dense, (x, w_dense), reps) / c
-    y = qeft_matmul(x[0], qw[0], s[0], z[0], weak[0], idx[0], bits=bits, group_size=group, **kw)
-    ref = qeft_matmul_ref(x[0], qw[0], s[0], z[0], weak[0], idx[0], bits=bits, group_size=group)
-    del w_dense
+    t_k = _time(kern, (sets,), reps) / c
+    t_d = _time(deq, (sets,), reps) / c
+    t_b = _time(dense, (dense_sets,), reps) / c
+    y = qeft_matmul(*sets[0], bits=bits, group_size=group, **kw)
+    ref = qeft_matmul_ref(*sets[0], bits=bits, group_size=group)
+    del dense_sets
     return dict(us=t_k * 1e6, us_bf16=t_b * 1e6, us_dequant=t_d * 1e6, bytes=qbytes,
                 gbps=qbytes / t_k / 1e9, speedup_vs_bf16=t_b / t_k, speedup_vs_dequant=t_d / t_k,
                 copies=c, l2_resident=qbytes * c < L2_SPILL_BYTES, rel_err=rel_err(y, ref))
 
 
-def time_kernel_only(out, n, m, bits, group, k, reps, kernel_kw, stacked):
+def time_kernel_only(bits, group, reps, kernel_kw, sets):
     kern = _unrolled(lambda *a: qeft_matmul(*a, bits=bits, group_size=group, **kernel_kw))
-    return _time(kern, stacked, reps) / stacked[0].shape[0]
+    return _time(kern, (sets,), reps) / len(sets)
 
 
 def autotune(shapes, bits, group, k, reps, full: bool, prefill_m: int):
@@ -174,12 +190,12 @@ def autotune(shapes, bits, group, k, reps, full: bool, prefill_m: int):
     for out, n in shapes:
         vpw = values_per_word(bits)
         qbytes = out * (-(-n // vpw)) * 4
-        stacked = _make_copies(out, n, 1, bits, group, k, _copies(qbytes))
+        sets = _make_copies(out, n, 1, bits, group, k, _copies(qbytes))
         base = block_table.lookup(n=n, out=out, bits=bits)
 
         def run(cfg):
             try:
-                return time_kernel_only(out, n, 1, bits, group, k, reps, cfg, stacked)
+                return time_kernel_only(bits, group, reps, cfg, sets)
             except Exception as e:  # noqa: BLE001 - configs that fail to compile are skipped
                 print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}")
                 return float("inf")
@@ -224,7 +240,7 @@ def autotune(shapes, bits, group, k, reps, full: bool, prefill_m: int):
                                                        prefill_us_xla=t_xla * 1e6,
                                                        prefill_us_pallas=t_pal * 1e6)
         block_table.update(new)  # write as we go (a long sweep keeps partial results)
-    print(f"wrote {len(new)} entries to {block_table.TABLE_PATH}")
+    print(f"wrote {len(new)} entries to {block_table.table_path()}")
 
 
 def main(argv=None) -> int:
@@ -238,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=128, help="weak columns per layer")
     ap.add_argument("--m", type=int, nargs="+", default=None, help="batch rows to time (<= 8)")
     ap.add_argument("--prefill-m", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per measurement (quick 5, else 20)")
+    ap.add_argument("--shapes", type=parse_shapes, default=SHAPES, metavar="OUTxIN,...",
+                    help="GEMV shapes to time and autotune (default: all of SHAPES)")
     args = ap.parse_args(argv)
 
     if args.print_table:
@@ -249,7 +268,9 @@ def main(argv=None) -> int:
 
     summary: dict = {}
     t0 = time.perf_counter()
-    summary["interpret_max_rel_err"] = interpret_checks(args.quick)
+    summary["interpret_max_rel_err"] = correctness_checks(args.quick, interpret=True)
+    if gpu is not None:  # the same grid compiled for the GPU (the full grid: it is fast there)
+        summary["gpu_check_max_rel_err"] = correctness_checks(False, interpret=False)
     ok, nconf = lowering_checks(args.quick, args.bits, args.group, args.k)
     summary["lowers_for_cuda"] = ok
     summary["lowering_configs"] = nconf
@@ -264,9 +285,10 @@ def main(argv=None) -> int:
         print(json.dumps(summary))
         return 0
 
-    reps = 5 if args.quick else 20
+    reps = args.reps or (5 if args.quick else 20)
+    warm_up_gpu()
     if args.autotune:
-        autotune(SHAPES, args.bits, args.group, args.k, 3 if args.quick else 10,
+        autotune(args.shapes, args.bits, args.group, args.k, 3 if args.quick else 10,
                  args.full_sweep, args.prefill_m)
         print(block_table.format_table())
 
@@ -278,7 +300,7 @@ def main(argv=None) -> int:
           f"{'deq+dot us':>10} {'vs bf16':>7} {'vs deq':>7} {'rel_err':>8}")
     rows = {}
     gpu_err = 0.0
-    for (out, n), m in itertools.product(SHAPES, ms):
+    for (out, n), m in itertools.product(args.shapes, ms):
         r = time_shape(out, n, m, args.bits, args.group, args.k, reps)
         rows[f"{out}x{n}_M{m}"] = r
         gpu_err = max(gpu_err, r["rel_err"])
@@ -289,6 +311,8 @@ def main(argv=None) -> int:
     head = rows[f"{HEADLINE[0]}x{HEADLINE[1]}_M1"] if f"{HEADLINE[0]}x{HEADLINE[1]}_M1" in rows else None
     summary["timed"] = True
     summary["gpu_max_rel_err"] = gpu_err
+    summary["rows"] = {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                       for name, r in rows.items()}
     if head:
         summary["speedup_vs_bf16"] = round(head["speedup_vs_bf16"], 3)
         summary["speedup_vs_dequant_dot"] = round(head["speedup_vs_dequant"], 3)

@@ -23,7 +23,7 @@ per linear measurably in so few steps. The full fine-tune keeps the usual 1e-5: 
 and ~10 steps at 1e-5 already shift the model.
 
 Checks printed along the way (not part of the scores):
-  * M - F equals dense(T) - dense(Q) in original channel order (qeft_jax.quant.checkpoint's
+  * M - F equals dense(T) - dense(Q) in original channel order (qeft_jax.checkpoint's
     independent dequantization path), and is zero outside the weak columns;
   * merging T - Q into Q itself (quantized target) reproduces T's tensors exactly.
 
@@ -48,7 +48,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TASK_A, TASK_B = "arc_easy", "piqa"
 TASKS = (TASK_A, TASK_B)
@@ -82,7 +81,7 @@ def prepare_base(base: Path, out: Path, calib_samples: int, calib_len: int) -> P
     from qeft_jax import data
     from qeft_jax.load import default_model_dir, load_tokenizer
     from qeft_jax.quant.pipeline import quantize_checkpoint
-    from qeft_jax.quant.recipes import make_recipe
+    from qeft_jax.recipes import make_recipe
 
     src = default_model_dir()
     tok = load_tokenizer(src)
@@ -147,14 +146,12 @@ def run_merge(tuned: Path, base: Path, target: Path, out: Path) -> dict:
 
 def check_merge(tuned: Path, base: Path, full: Path, merged: Path) -> dict:
     """M - F against dense(T) - dense(Q) (original order), and merge(T, Q -> Q) == T."""
-    from qeft_jax.config import LlamaConfig
+    from qeft_jax.checkpoint import dense_tensors, read_info
     from qeft_jax.io import SafetensorsReader
-    from qeft_jax.params import LINEAR_NAMES
-    from qeft_jax.quant.checkpoint import dense_original_order
+    from qeft_jax.spec import LINEAR_NAMES
     from train.merge import merge
 
-    cfg = LlamaConfig.from_json_file(base / "config.json")
-    dq, dt = dense_original_order(base, cfg), dense_original_order(tuned, cfg)
+    dq, dt = dense_tensors(read_info(base)), dense_tensors(read_info(tuned))
     rf, rm = SafetensorsReader([full / "model.safetensors"]), SafetensorsReader([merged / "model.safetensors"])
     worst, outside, changed, total, changed_cols = 0.0, 0, 0, 0, 0
     for k in rm.keys():

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qeft_jax import data, load_model  # noqa: E402
-from qeft_jax.eval.perplexity import perplexity  # noqa: E402
-from qeft_jax.load import resolve  # noqa: E402
-from qeft_jax.quant.pipeline import quantize_checkpoint  # noqa: E402
-from qeft_jax.quant.recipes import make_recipe  # noqa: E402
+from qeft_jax import data, load_model
+from qeft_jax.eval.perplexity import perplexity
+from qeft_jax.load import resolve
+from qeft_jax.quant.pipeline import quantize_checkpoint
+from qeft_jax.recipes import make_recipe
 
 
 def linear_bytes(path: Path) -> int:
@@ -91,11 +89,10 @@ def main() -> None:
 
 
 def _fp_linear_shapes(src: Path) -> dict[str, tuple[int, ...]]:
-    from qeft_jax.config import LlamaConfig
-    from qeft_jax.params import expected_shapes
+    from qeft_jax.checkpoint import read_info
+    from qeft_jax.spec import fp_shapes
 
-    cfg = LlamaConfig.from_json_file(src / "config.json")
-    return {k: v for k, v in expected_shapes(cfg).items()
+    return {k: v for k, v in fp_shapes(read_info(src).config).items()
             if k.startswith("model.layers.") and k.endswith("proj.weight")}
 
 

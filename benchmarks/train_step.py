@@ -31,8 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 METHODS = ("qeft", "qlora", "lora", "full")
 
 
@@ -42,21 +40,21 @@ def small_fp_model(out: Path) -> Path:
     from flax import nnx
 
     from qeft_jax.config import LlamaConfig
-    from qeft_jax.io import write_checkpoint
-    from qeft_jax.model import LlamaForCausalLM, flat_params
+    from qeft_jax.checkpoint import write_fp
+    from qeft_jax.model import LlamaForCausalLM, named_variables
 
     cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=32)
     model = LlamaForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     out.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(out, cfg.to_hf_dict(), {k: np.asarray(v) for k, v in flat_params(model).items()})
+    write_fp(out, cfg.to_hf_dict(), {k: np.asarray(v) for k, v in named_variables(model).items()})
     return out
 
 
 def quantize_for_bench(fp: Path, out: Path, k: int, group_size: int) -> Path:
     from qeft_jax.config import LlamaConfig
     from qeft_jax.quant.pipeline import quantize_checkpoint
-    from qeft_jax.quant.recipes import make_recipe
+    from qeft_jax.recipes import make_recipe
 
     cfg = LlamaConfig.from_json_file(fp / "config.json")
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 128))
@@ -118,8 +116,8 @@ def run_one(method: str, a: argparse.Namespace) -> dict:
     import optax
     from flax import nnx
 
-    from train.trainer import (TrainConfig, build_model, compute_dtype, forward_blocks, make_optimizer,
-                               make_step_fns, split_trainable)
+    from train.trainer import (TrainConfig, build_model, compute_dtype, make_optimizer, make_step_fns,
+                               split_trainable)
 
     dtype = compute_dtype(a.dtype)
     src = Path(a.qdir if method in ("qeft", "qlora", "bound") else a.fpdir)
@@ -133,7 +131,7 @@ def run_one(method: str, a: argparse.Namespace) -> dict:
 
         def loss_x(x, state):
             m = nnx.merge(graphdef, state)
-            logits = m.logits(forward_blocks(m, x, a.remat))[:, :-1].astype(jnp.float32)
+            logits = m.forward(inputs_embeds=x, remat=a.remat)[0][:, :-1].astype(jnp.float32)
             return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
 
         fn = jax.jit(jax.grad(loss_x))

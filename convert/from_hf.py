@@ -1,91 +1,17 @@
-"""Convert a Hugging Face Llama directory (safetensors, sharded or not; or .bin) to our checkpoint.
+"""python -m convert.from_hf HF_DIR OUT_DIR [--overwrite]
 
-    python -m convert.from_hf HF_DIR OUT_DIR
+Converts a Hugging Face model directory (safetensors, sharded or not; `.bin` via
+torch.load(weights_only=True)) to a qeft-jax checkpoint. Library: convert.hf.
 """
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-import numpy as np
-from tqdm import tqdm
-
-from qeft_jax.cli import run_cli
-from qeft_jax.config import LlamaConfig
-from qeft_jax.io import CheckpointError, SafetensorsReader, atomic_dir, tokenizer_files, write_checkpoint
-from qeft_jax.params import check_tensors, expected_shapes
-
-
-def _safetensors_files(src: Path) -> list[Path]:
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-        files = sorted({src / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"shard(s) listed in {index.name} are missing: {', '.join(missing)}")
-        return files
-    return sorted(src.glob("*.safetensors"))
-
-
-def _load_bin(files: list[Path]) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError("this checkpoint is in PyTorch .bin format; install the 'convert' extra "
-                              "(pip install 'qeft-jax[convert]') to read it") from None
-    out: dict[str, np.ndarray] = {}
-    for f in tqdm(files, desc="reading .bin shards", disable=len(files) < 2):
-        # weights_only=True: a .bin is a pickle; never let it execute code.
-        state = torch.load(f, map_location="cpu", weights_only=True)
-        for k, v in state.items():
-            out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-    return out
-
-
-def read_hf_tensors(src: Path, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-    """All tensors the model needs, by Hugging Face name, as numpy arrays."""
-    st = _safetensors_files(src)
-    if st:
-        reader = SafetensorsReader(st)
-        names = [n for n in reader.keys() if n in expected_shapes(cfg)]
-        tensors = {n: reader.get(n) for n in tqdm(names, desc="reading tensors", disable=len(names) < 50)}
-    else:
-        bins = sorted(src.glob("pytorch_model*.bin"))
-        if not bins:
-            raise CheckpointError(f"{src} holds no *.safetensors and no pytorch_model*.bin weights")
-        tensors = {k: v for k, v in _load_bin(bins).items() if k in expected_shapes(cfg)}
-    check_tensors(cfg, tensors, source=str(src))
-    return tensors
-
-
-def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    src = Path(src)
-    if not src.is_dir():
-        raise CheckpointError(f"{src} is not a directory (expected a Hugging Face model directory)")
-    cfg_dict = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else None
-    if cfg_dict is None:
-        raise CheckpointError(f"no config.json in {src}")
-    cfg = LlamaConfig.from_hf_dict(cfg_dict)
-    tensors = read_hf_tensors(src, cfg)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_checkpoint(tmp, cfg.to_hf_dict(), tensors, extra_files=tokenizer_files(src))
-    return Path(out)
+from convert.hf import convert
+from qeft_jax.cli import conversion_parser, run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m convert.from_hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("hf_dir", help="Hugging Face model directory (config.json + weights)")
-    p.add_argument("out_dir", help="where to write the qeft-jax checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    a = p.parse_args(argv)
-    out = convert(a.hf_dir, a.out_dir, overwrite=a.overwrite)
-    print(f"wrote {out}")
+    a = conversion_parser("python -m convert.from_hf", __doc__, "Hugging Face model directory (config.json + weights)").parse_args(argv)
+    print(f"wrote {convert(a.source, a.out_dir, overwrite=a.overwrite)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     y[..., out] = x · dequantize(qweight)ᵀ + x[..., weak_idx] · weakᵀ        (f32 accumulation)
 
-The packed format and the plain reference are defined in ``qeft_jax.quant.pack``; this kernel
+The packed format and the plain reference are defined in ``qeft_jax.packing``; this kernel
 must equal ``qeft_matmul_ref``. One ``pallas_call`` computes both the dense low-bit part and the
 weak (16-bit) columns.
 
@@ -55,7 +55,6 @@ faster one in the block table (key "prefill"), which ``qeft_matmul`` follows. Se
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +62,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from qeft_jax.quant.pack import dequantize, num_groups, values_per_word
+from pallas_kernels import block_table
+from pallas_kernels.block_table import default_blocks  # noqa: F401 - re-exported: the heuristic block sizes
+from qeft_jax.packing import dequantize, num_groups, values_per_word
 
 GEMV_MAX_M = 8
 _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16
@@ -155,17 +156,6 @@ def _qeft_kernel(x_ref, qw_ref, s_ref, z_ref, *rest, bits: int, group_size: int,
             acc = lax.cond(pid_k == 0, weak_part, lambda a: a, acc)
 
     o_ref[...] = acc.astype(o_ref.dtype)
-
-
-def default_blocks(m: int, n: int, out: int, bits: int) -> dict[str, Any]:
-    """Heuristic block sizes when the table has no entry (see block_table.py)."""
-    vpw = values_per_word(bits)
-    n_words = -(-n // vpw)
-    block_w = min(64, max(16, _next_pow2(n_words)))
-    # enough programs to fill ~132 SMs (H100) before growing the row block
-    block_n = 64 if out >= 64 * 264 else 32 if out >= 32 * 132 else 16
-    return dict(block_n=block_n, block_w=block_w, num_warps=4, num_stages=2, split_k=1,
-                use_dot=True)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -263,8 +253,6 @@ def qeft_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.
     default; "pallas": the same fused kernel tiled over M with ``block_m_prefill`` rows).
     Block sizes left as None come from ``block_table.lookup`` (per GPU name and shape).
     """
-    from pallas_kernels import block_table
-
     *lead, n = x.shape
     x2 = x.reshape(-1, n)
     m = x2.shape[0]

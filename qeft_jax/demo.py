@@ -16,18 +16,19 @@ import time
 from pathlib import Path
 
 from qeft_jax.cli import run_cli
+from qeft_jax.data import text_windows
+from qeft_jax.eval.perplexity import perplexity
+from qeft_jax.generation import generate_text
+from qeft_jax.io import parse_jsonl
+from qeft_jax.load import default_model_dir, load_model
+from qeft_jax.quant.pipeline import quantize_checkpoint
+from qeft_jax.recipes import make_recipe
+from train.trainer import TrainConfig, train
 
 PROMPT = "Explain in one sentence why the sky is blue."
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qeft_jax import data, load_model
-    from qeft_jax.eval.perplexity import perplexity
-    from qeft_jax.generate import generate_text
-    from qeft_jax.load import default_model_dir
-    from qeft_jax.quant.pipeline import quantize_checkpoint
-    from qeft_jax.quant.recipes import make_recipe
-
     p = argparse.ArgumentParser(prog="python -m qeft_jax.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/default", help="where the quantized model is written")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     src = default_model_dir()
     print(f"[1/6] default model ready at {src} ({time.time() - t0:.0f} s)")
     model, tok, cfg = load_model(src)
-    eval_ids = data.token_sequences(tok, data.corpus_texts("eval"), a.seq_len, a.eval_samples, seed=None)
+    eval_ids = text_windows(tok, "eval", a.seq_len, a.eval_samples, seed=None)
     fp_ppl, tokens = perplexity(model, eval_ids)
     print(f"[2/6] fp perplexity {fp_ppl:.3f} over {tokens} tokens")
     fp_text = generate_text(model, tok, [PROMPT], max_new_tokens=a.max_new_tokens)[0]
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(a.out) / "qeft-4bit-k16"
     recipe = make_recipe("qeft", bits=4, group_size=128, k=16)
-    calib = data.token_sequences(tok, data.corpus_texts("calib"), a.calib_len, a.calib_samples, seed=0)
+    calib = text_windows(tok, "calib", a.calib_len, a.calib_samples, seed=0)
     summary = quantize_checkpoint(src, out, recipe, calib, overwrite=True,
                                   meta={"calibration_seed": 0, "calibration_data": "boolq-wikipedia/calib"})
     print(f"[3/6] quantized with QEFT 4-bit g128 k16 in {summary['seconds']:.0f} s -> {out}")
@@ -69,15 +70,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def finetune(qdir: Path, out: Path, steps: int) -> dict[str, float]:
     """A few QEFT steps on the built-in instruction data; held-out loss before and after."""
-    from train.trainer import TrainConfig, train
-
     cfg = TrainConfig(model=str(qdir), out=str(out), method="qeft", data="builtin",
                       tasks=["arc_easy", "boolq", "piqa"], limit_per_task=200, seq_len=256, batch_size=8,
                       micro_batch_size=4, steps=steps, lr=1e-4, eval_every=steps, eval_rows=16,
                       save_every=steps)
     summary = train(cfg, overwrite=True)
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r["eval_loss"] for r in evals if "eval_loss" in r]
+    metrics = out / "metrics.jsonl"
+    evals = [r["eval_loss"] for _, r in parse_jsonl(metrics.read_text(), metrics) if "eval_loss" in r]
     print(f"[6/6] QEFT fine-tune: {steps} steps, {summary['trainable_params']} trainable params, "
           f"held-out loss {evals[0]:.4f} -> {evals[-1]:.4f} -> {out}")
     return {"heldout_loss_before": evals[0], "heldout_loss_after": evals[-1]}

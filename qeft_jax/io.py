@@ -1,11 +1,5 @@
-"""Our checkpoint format, atomic directory writes, and the cache of fetched packages.
-
-A checkpoint is a directory:
-  config.json          Hugging Face Llama config (what transformers reads)
-  model.safetensors    Hugging Face tensor names, PyTorch layouts
-  tokenizer files      optional (tokenizer.json, tokenizer_config.json, ...)
-  quantization.json    only for quantized checkpoints (see qeft_jax.quant.pack)
-"""
+"""Files: atomic file and directory writes, a bounded safetensors reader, jsonl parsing, and the
+cache of fetched packages. What a checkpoint directory holds is `qeft_jax.checkpoint`'s business."""
 from __future__ import annotations
 
 import contextlib
@@ -17,12 +11,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, needed by safetensors.numpy)
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes; a larger header is corrupt or hostile
 
@@ -160,19 +153,6 @@ class SafetensorsReader:
             return h.get_tensor(name)
 
 
-def write_checkpoint(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
-                     extra_files: Mapping[str, bytes] | None = None,
-                     extra_json: Mapping[str, Any] | None = None) -> None:
-    """Write config.json + model.safetensors (+ extra files) into an existing (temp) directory."""
-    (out / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    for name, data in (extra_files or {}).items():
-        (out / name).write_bytes(data)
-    for name, obj in (extra_json or {}).items():
-        (out / name).write_text(json.dumps(obj, indent=2, sort_keys=True))
-
-
 def parse_jsonl(text: str, source: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; a line that is not a JSON object is an error
     naming the file and line. Splits on '\n' only (U+2028 may sit inside strings)."""
@@ -188,9 +168,3 @@ def parse_jsonl(text: str, source: str | Path) -> list[tuple[int, dict[str, Any]
             raise ValueError(f"{source}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         records.append((lineno, rec))
     return records
-
-
-def tokenizer_files(src: Path) -> dict[str, bytes]:
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-             "generation_config.json", "chat_template.jinja")
-    return {n: (src / n).read_bytes() for n in names if (src / n).is_file()}

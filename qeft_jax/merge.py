@@ -11,11 +11,10 @@ import argparse
 import json
 
 from qeft_jax.cli import run_cli
+from train.merge import merge
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.merge import merge
-
     p = argparse.ArgumentParser(prog="python -m qeft_jax.merge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tuned", required=True, help="fine-tuned QEFT checkpoint (python -m qeft_jax.train --out)")

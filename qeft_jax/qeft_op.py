@@ -12,15 +12,14 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from qeft_jax.quant.pack import dequantize, qeft_matmul_ref
+from pallas_kernels.qeft_gemv import qeft_matmul
+from qeft_jax.packing import dequantize, qeft_matmul_ref
 
 
 def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend):
     # The kernel needs every packed word inside at most two groups (group_size >= values per word);
     # smaller groups take the reference path.
     if backend == "pallas" and group_size >= 32 // bits:
-        from pallas_kernels.qeft_gemv import qeft_matmul
-
         return qeft_matmul(x, qweight, scales, zeros, weak, weak_idx, bits=bits, group_size=group_size)
     return qeft_matmul_ref(x, qweight, scales, zeros, weak, weak_idx, bits=bits, group_size=group_size)
 

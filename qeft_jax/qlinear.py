@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qeft_jax.quant.pack import QuantSpec
+from qeft_jax.packing import QuantSpec
+from qeft_jax.qeft_op import qeft_linear
 
 
 class QuantState(nnx.Variable):
@@ -57,8 +58,6 @@ class QEFTLinear(nnx.Module):
         return self.spec.out_features
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        from qeft_jax.qeft_op import qeft_linear
-
         y = qeft_linear(x.astype(self.dtype), self.qweight[...], self.scales[...], self.zeros[...],
                         self.weak[...], self.weak_idx[...], bits=self.spec.bits,
                         group_size=self.spec.group_size, backend=self.backend or default_backend())

@@ -15,28 +15,18 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from qeft_jax.cli import run_cli
-
-
-def calibration_ids(tokenizer, *, samples: int, seq_len: int, seed: int, data: str | None) -> np.ndarray:
-    from qeft_jax import data as data_mod
-
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer; calibration needs one to tokenise text")
-    texts = data_mod.load_user_texts(data) if data else data_mod.corpus_texts("calib")
-    return data_mod.token_sequences(tokenizer, texts, seq_len, samples, seed=seed)
+from qeft_jax.checkpoint import read_info
+from qeft_jax.data import text_windows
+from qeft_jax.io import check_output_dir
+from qeft_jax.load import resolve
+from qeft_jax.quant.pipeline import quantize_checkpoint
+from qeft_jax.recipes import make_recipe
+from qeft_jax.sharding import make_mesh, maybe_initialize_distributed
+from qeft_jax.tokenization import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qeft_jax.config import LlamaConfig
-    from qeft_jax.io import check_output_dir
-    from qeft_jax.load import load_tokenizer, resolve
-    from qeft_jax.quant.pipeline import quantize_checkpoint
-    from qeft_jax.quant.recipes import make_recipe
-    from qeft_jax.sharding import make_mesh, maybe_initialize_distributed
-
     p = argparse.ArgumentParser(prog="python -m qeft_jax.quantize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="'default' or an fp checkpoint directory")
@@ -69,12 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     k = a.k if a.method in ("qeft", "owq") else 0
     recipe = make_recipe(a.method, bits=a.bits, group_size=a.group_size, k=k, act_order=a.act_order)
     src = resolve(a.model)
-    cfg = LlamaConfig.from_json_file(src / "config.json")
+    cfg = read_info(src).config
     if a.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
-    ids = calibration_ids(load_tokenizer(src), samples=a.calib_samples, seq_len=a.seq_len, seed=a.seed,
-                          data=a.calib_data)
+    ids = text_windows(load_tokenizer(src), "calib", a.seq_len, a.calib_samples, seed=a.seed, path=a.calib_data)
     t0 = time.time()
     meta = {"command": vars(a), "calibration_seed": a.seed,
             "calibration_data": a.calib_data or "boolq-wikipedia/calib"}

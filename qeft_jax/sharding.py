@@ -58,6 +58,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
@@ -137,8 +138,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     """A (possibly sharded) global array as a full numpy array on this process."""
     if x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

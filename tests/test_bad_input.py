@@ -116,7 +116,11 @@ def test_bad_input_gguf_of_another_architecture(tmp_path, capsys):
 
 @pytest.mark.parametrize("change,message", [
     ({"hidden_size": None}, "missing required key(s): hidden_size"),
-    ({"model_type": "mistral"}, "unsupported model_type 'mistral'"),
+    ({"model_type": "gpt_neox"}, "unsupported model_type 'gpt_neox'"),
+    ({"model_type": "mixtral", "num_local_experts": 8}, "unsupported model_type 'mixtral'"),
+    ({"num_local_experts": 8}, "mixture-of-experts layers are not supported"),
+    ({"kv_lora_rank": 512}, "multi-head latent attention"),
+    ({"cross_attention_layers": [3, 8]}, "cross-attention layers"),
     ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads"),
     ({"rope_theta": 1.0, "rope_parameters": {"rope_type": "default", "rope_theta": 2.0}}, "contradictory rope_theta"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rope type 'yarn'"),
@@ -128,6 +132,7 @@ def test_bad_input_config(model, tmp_path, capsys, change, message):
     edit_config(model, **change)
     err = cli_error(from_hf.main, [str(model), str(tmp_path / "o")], capsys)
     assert message in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_input_tensor_shape_and_dtype(model, tmp_path, capsys):
@@ -242,7 +247,7 @@ def test_bad_input_cli_subprocess_has_no_traceback(tmp_path):
 
 def test_corrupt_write_midway_leaves_previous_checkpoint(converted, tmp_path, monkeypatch):
     """A crash in the middle of writing (simulated) leaves the old checkpoint intact and loadable."""
-    import qeft_jax.io as qio
+    import qeft_jax.checkpoint as qio
     from convert import from_hf
     from qeft_jax import load_model
 

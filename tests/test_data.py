@@ -176,11 +176,11 @@ def test_mc_task_arc_easy_eval(wheel):
     qs = data.mc_task("arc_easy")
     assert len(qs) == 570  # ARC-Easy validation, unconditional requests excluded
     for q in qs:
-        assert isinstance(q, data.MCQuestion)
-        assert 2 <= len(q.choices) <= 5 and 0 <= q.gold < len(q.choices)
-        assert all(c.startswith(" ") for c in q.choices)
-        assert q.context.startswith("Question:") and q.context.endswith("\nAnswer:")
-        assert q.context.count("Question:") == 1
+        assert isinstance(q, data.Question)
+        assert 2 <= len(q.continuations) <= 5 and 0 <= q.gold < len(q.continuations)
+        assert all(c.startswith(" ") for c in q.continuations)
+        assert q.contexts[0].startswith("Question:") and q.contexts[0].endswith("\nAnswer:")
+        assert q.contexts[0].count("Question:") == 1
     assert [q.doc_id for q in qs] == sorted({q.doc_id for q in qs})
     assert data.mc_task("arc_easy", limit=7) == qs[:7]
     with pytest.raises(ValueError, match="split"):
@@ -192,14 +192,14 @@ def test_mc_task_arc_easy_eval(wheel):
 def test_mc_task_train_is_zero_shot_and_held_out(wheel):
     train = data.mc_task("arc_easy", "train")
     assert len(train) > 2000
-    assert all(q.context.count("Question:") == 1 and "\n\n" not in q.context for q in train)
-    eval_contexts = {q.context for q in data.mc_task("arc_easy")}
-    assert not eval_contexts & {q.context for q in train}
+    assert all(q.contexts[0].count("Question:") == 1 and "\n\n" not in q.contexts[0] for q in train)
+    eval_contexts = {q.contexts[0] for q in data.mc_task("arc_easy")}
+    assert not eval_contexts & {q.contexts[0] for q in train}
 
 
 def test_instruction_examples_disjoint_from_eval(wheel):
     tasks = ["arc_easy", "piqa"]
-    held = {data._norm(q.context) for t in tasks for q in data.mc_task(t, "eval")}
+    held = {data._norm(q.contexts[0]) for t in tasks for q in data.mc_task(t, "eval")}
     # the raw piqa train file repeats some eval goals, so the filter has something to remove
     raw = {data._norm(r["doc"]["query"]) for r in data.read_requests("piqa", "train_rc_5shot")}
     assert raw & held
@@ -207,7 +207,7 @@ def test_instruction_examples_disjoint_from_eval(wheel):
     assert len(ex) > 15000
     assert all(set(r) == {"instruction", "input", "output"} for r in ex)
     assert not {data._norm(r["instruction"]) for r in ex} & held
-    train_gold = {(q.context, q.choices[q.gold].strip()) for q in data.mc_task("piqa", "train")}
+    train_gold = {(q.contexts[0], q.continuations[q.gold].strip()) for q in data.mc_task("piqa", "train")}
     piqa = [r for r in ex if r["instruction"].startswith("Goal:")]
     assert piqa and all((r["instruction"], r["output"]) in train_gold for r in piqa)
     assert all(r["output"] == r["output"].strip() and r["output"] for r in ex)

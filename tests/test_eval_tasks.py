@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qeft_jax import load_model
+from qeft_jax import load_model, tokenization
+from qeft_jax.data import Question
 from qeft_jax.eval import tasks as T
 
 NAME = "gqa_untied"  # vocab 101
@@ -94,12 +95,12 @@ REQUESTS = [
 @pytest.mark.parametrize("with_bos", [False, True])
 def test_encode_pair(with_bos):
     tok = word_tokenizer(with_bos)
-    assert T.adds_bos(tok) is with_bos
+    assert tokenization.adds_bos(tok) is with_bos
     pre = [1] if with_bos else []
-    assert T.encode_pair(tok, "the sky is", " blue") == (pre + word_ids("the sky is"), word_ids("blue"))
-    assert T.encode_pair(tok, "the sky is ", "blue") == (pre + word_ids("the sky is"), word_ids("blue"))
+    assert T.PairEncoder(tok)("the sky is", " blue") == (pre + word_ids("the sky is"), word_ids("blue"))
+    assert T.PairEncoder(tok)("the sky is ", "blue") == (pre + word_ids("the sky is"), word_ids("blue"))
     # empty context: BOS if the tokenizer adds one, else still BOS (the first of BOS / EOS it has)
-    assert T.encode_pair(tok, "", "the sun") == ([1], word_ids("the sun"))
+    assert T.PairEncoder(tok)("", "the sun") == ([1], word_ids("the sun"))
 
 
 def test_encode_pair_real_tokenizer_leading_space(default_model_dir):
@@ -107,7 +108,7 @@ def test_encode_pair_real_tokenizer_leading_space(default_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
-    ctx, cont = T.encode_pair(tok, "Question: capital of France?\nAnswer:", " Paris")
+    ctx, cont = T.PairEncoder(tok)("Question: capital of France?\nAnswer:", " Paris")
     whole = tok("Question: capital of France?\nAnswer: Paris", add_special_tokens=False)["input_ids"]
     assert ctx + cont == whole and tok.decode(cont) == " Paris"
 
@@ -165,9 +166,9 @@ def test_choice_metrics_hand_made():
 
 def test_score_questions_uses_the_reference_argmax(tiny):
     model, tok = tiny
-    qs = [T.Question(("the sky is",) * 3, (" blue", " red", " green and wet"), gold=0, doc_id=0),
-          T.Question(("the sun is", "the snow is"), (" hot", " hot"), gold=1, doc_id=1),
-          T.Question(("it was",) * 2, (" day", " very dark"), gold=1, doc_id=2)]
+    qs = [Question(("the sky is",) * 3, (" blue", " red", " green and wet"), gold=0, doc_id=0),
+          Question(("the sun is", "the snow is"), (" hot", " hot"), gold=1, doc_id=1),
+          Question(("it was",) * 2, (" day", " very dark"), gold=1, doc_id=2)]
     res = T.score_questions(model, tok, qs, batch_size=2)
     acc, norm = [], []
     for q in qs:
@@ -244,7 +245,7 @@ def tiny_char(converted, tmp_path_factory):
                             pad_token="</s>").save_pretrained(out)
     model, tok, _ = load_model(out)
     text = "Question: x?\nAnswer: 4"
-    assert T.encode_pair(tok, text[:-2], text[-2:]) == (char_ids(text[:-2]), char_ids(text[-2:]))
+    assert T.PairEncoder(tok)(text[:-2], text[-2:]) == (char_ids(text[:-2]), char_ids(text[-2:]))
     return out, model, tok
 
 
@@ -422,7 +423,7 @@ def test_adapter_loglikelihood_and_rolling(adapter):
 
 
 def test_adapter_generate_until(adapter):
-    from qeft_jax.generate import generate
+    from qeft_jax.generation import generate
 
     model, tok = adapter.model, adapter.tokenizer
     out = adapter.generate_until(_instances("generate_until", [
@@ -473,7 +474,7 @@ def test_adapter_simple_evaluate_local_yaml_task(adapter, tmp_path, monkeypatch)
     out = lm_eval.simple_evaluate(model=adapter, tasks=["qeft_tiny_mc"], task_manager=tm,
                                   bootstrap_iters=0, log_samples=False)
     res = out["results"]["qeft_tiny_mc"]
-    qs = [T.Question((d["question"],) * len(d["choices"]), tuple(" " + c for c in d["choices"]),
+    qs = [Question((d["question"],) * len(d["choices"]), tuple(" " + c for c in d["choices"]),
                      d["label"], i) for i, d in enumerate(docs)]
     ours = T.score_questions(adapter.model, adapter.tokenizer, qs)
     assert res["acc,none"] == pytest.approx(ours["acc"])

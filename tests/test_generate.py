@@ -1,4 +1,5 @@
-"""Generation: the jitted prefill + while_loop decode against plain references (CPU, fast)."""
+"""qeft_jax.generation (the jitted prefill + while_loop decode against plain references; CPU, fast)
+and its CLI, qeft_jax.generate."""
 from __future__ import annotations
 
 import functools
@@ -10,8 +11,10 @@ import pytest
 import torch
 from flax import nnx
 
-from qeft_jax import load_model
-from qeft_jax.generate import generate, generate_text, generate_with_stats, left_pad, main, top_p_filter
+from qeft_jax import load_model, tokenization
+from qeft_jax.generate import main
+from qeft_jax.generation import (completion_text, generate, generate_text, generate_with_stats, left_pad,
+                                 top_p_filter)
 
 NAME = "gqa_untied"
 N = 8  # new tokens in every tiny test: shapes repeat, so each program compiles once
@@ -126,6 +129,19 @@ def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], max_new_tokens=2)
     assert generate(model, [[1, 2]], max_new_tokens=0) == [[]]
+
+
+def test_generate_text_prompts_as_fine_tuning_does(tiny_with_tokenizer):
+    """generate_text feeds the prompt fine-tuning trains on (tokenization.example_ids): here the
+    Alpaca prompt, as the tokenizer has no chat template; style="raw" sends the text itself."""
+    model, tok, cfg = load_model(tiny_with_tokenizer[0])
+    prompt, _ = tokenization.example_ids(tok, "w1 w2 w3", "", "w4")
+    assert prompt != tokenization.prompt_ids(tok, "w1 w2 w3", style="raw")
+    stops, pad = tokenization.stop_ids(tok, cfg), tokenization.pad_id(tok, cfg)
+    for style, ids in ((None, prompt), ("raw", tokenization.prompt_ids(tok, "w1 w2 w3", style="raw"))):
+        row = generate(model, [ids], max_new_tokens=N, stop_tokens=stops, pad_id=pad)[0]
+        assert generate_text(model, tok, ["w1 w2 w3"], max_new_tokens=N, style=style) == \
+            [completion_text(tok, row, stops)]
 
 
 def test_cli_needs_a_tokenizer(converted, capsys):

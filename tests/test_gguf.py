@@ -8,7 +8,7 @@ import torch
 
 from qeft_jax import load_model
 from qeft_jax.io import CheckpointError
-from qeft_jax.load import default_gguf_path
+from convert.default_model import default_gguf_path
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n <", "Water boils at a temperature of"]
 TOKENIZER_TEXTS = PROMPTS + ["In 1969, 3 astronauts flew 384,400 km!", "  leading spaces\tand tabs\n\n",
@@ -66,7 +66,7 @@ def test_tokenizer_round_trip_and_chat_template(default_model):
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
-    from convert.from_gguf import unpermute_qk
+    from convert.gguf_file import unpermute_qk
 
     n_head, d, inp = 3, 8, 5
     w = np.arange(n_head * d * inp, dtype=np.float32).reshape(n_head * d, inp)

@@ -18,7 +18,7 @@ import pytest
 from pallas_kernels import block_table
 from pallas_kernels.qeft_gemv import qeft_matmul
 from pallas_kernels.testing import lower_for_cuda, random_inputs, rel_err
-from qeft_jax.quant.pack import qeft_matmul_ref
+from qeft_jax.packing import qeft_matmul_ref
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 1e-3}
 BF, F16 = jnp.bfloat16, jnp.float16
@@ -108,3 +108,24 @@ def test_block_table(tmp_path):
     assert hit["block_w"] == default["block_w"]
     assert block_table.lookup(n=4096, out=11008, bits=4, gpu="Y", path=path) == default
     assert json.loads(path.read_text())["format"] == 1
+
+
+def test_block_table_user_over_shipped(tmp_path, monkeypatch):
+    shipped, user = tmp_path / "shipped.json", tmp_path / "user.json"
+    k = block_table.key("X", 4096, 11008, 4)
+    block_table.update({k: dict(block_n=128, num_warps=8)}, path=shipped)
+    monkeypatch.setattr(block_table, "SHIPPED", shipped)
+    monkeypatch.setenv(block_table.TABLE_ENV, str(user))
+    block_table._load.cache_clear()
+    assert block_table.lookup(n=4096, out=11008, bits=4, gpu="X")["block_n"] == 128
+    assert block_table.update({k: dict(block_n=16)}) == user     # autotune writes the user's table only
+    got = block_table.lookup(n=4096, out=11008, bits=4, gpu="X")
+    assert got["block_n"] == 16 and got["num_warps"] != 8        # the user's entry wins, whole
+    assert json.loads(shipped.read_text())["entries"][k]["block_n"] == 128
+
+
+def test_shipped_block_table_entries_are_valid():
+    for name, entry in block_table.entries(block_table.SHIPPED).items():
+        gpu, n, out, bits = name.split("|")
+        assert gpu and int(n) > 0 and int(out) > 0 and int(bits) in (2, 3, 4)
+        assert set(block_table.CONFIG_KEYS) <= set(entry), name

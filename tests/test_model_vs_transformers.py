@@ -106,7 +106,7 @@ def test_quantized_to_hf_matches_quantized_model(method, converted, tmp_path):
 
     from convert import to_hf
     from qeft_jax.quant.pipeline import quantize_checkpoint
-    from qeft_jax.quant.recipes import make_recipe
+    from qeft_jax.recipes import make_recipe
 
     src = converted["llama3_rope_bias"]
     calib = np.random.default_rng(0).integers(0, 97, (4, 16))

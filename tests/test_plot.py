@@ -1,4 +1,5 @@
-"""qeft_jax.plot: every figure from synthetic inputs, written as PNG; clear errors on bad inputs."""
+"""qeft_jax.plots (every figure from synthetic inputs, written as PNG; clear errors on bad inputs)
+and its CLI, qeft_jax.plot."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from qeft_jax import plot
+from qeft_jax import plot, plots
 from qeft_jax.cli import run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,14 +45,14 @@ def _fake_ckpt(tmp: Path, layers: int = 4, hidden: int = 64, method: str = "qeft
 def test_weak_channels(tmp_path):
     ckpt, hot = _fake_ckpt(tmp_path)
     out = tmp_path / "img" / "weak.png"
-    fig = plot.plot_weak_channels(ckpt, top=4, out=out)
+    fig = plots.plot_weak_channels(ckpt, top=4, out=out)
     assert _is_png(out)
     ax_top, ax_map = fig.axes[:2]
     assert len(fig.axes) == 3  # two panels + colorbar
     assert len(ax_top.collections) == 2  # attn and ffn markers
     assert len(ax_top.lines) == 8  # one vertical line per global weak channel
     assert len(ax_map.images) == 1 and ax_map.images[0].get_array().shape == (8, 64)
-    st = plot.weak_channel_summary(ckpt, top=3)
+    st = plots.weak_channel_summary(ckpt, top=3)
     assert st["rows"] == 8 and st["k"] == 8
     assert st["mean_top_in_global"] == 1.0  # every row's top-3 are the hot channels
     assert sorted(c for c, _ in st["most_frequent"]) == sorted(hot.tolist())
@@ -59,27 +60,27 @@ def test_weak_channels(tmp_path):
 
 def test_weak_channels_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        plot.plot_weak_channels(tmp_path / "nope")
+        plots.plot_weak_channels(tmp_path / "nope")
     gptq, _ = _fake_ckpt(tmp_path, method="gptq", with_selection=False)
     with pytest.raises(FileNotFoundError, match="method 'gptq'.*only qeft"):
-        plot.plot_weak_channels(gptq)
+        plots.plot_weak_channels(gptq)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a quantized checkpoint"):
-        plot.plot_weak_channels(tmp_path / "empty")
+        plots.plot_weak_channels(tmp_path / "empty")
     ok, _ = _fake_ckpt(tmp_path)
     with pytest.raises(ValueError, match="top must be"):
-        plot.plot_weak_channels(ok, top=0)
+        plots.plot_weak_channels(ok, top=0)
 
 
 def test_ppl_vs_bits_dict_and_single_bit_width(tmp_path):
     out = tmp_path / "ppl.png"
-    fig = plot.plot_ppl_vs_bits(QUALITY, out=out)
+    fig = plots.plot_ppl_vs_bits(QUALITY, out=out)
     assert _is_png(out)
     ax = fig.axes[0]
     assert len(ax.lines) == 4 + 1  # rtn, gptq, owq, qeft + the fp line
     assert len(ax.collections) == 1  # qeft_4_k32 as a separate marker
     assert [t for t in ax.get_xticks()] == [4]
-    fig = plot.plot_ppl_vs_bits(QUALITY, variants=False)
+    fig = plots.plot_ppl_vs_bits(QUALITY, variants=False)
     assert len(fig.axes[0].collections) == 0
 
 
@@ -87,7 +88,7 @@ def test_ppl_vs_bits_from_stdout_file(tmp_path):
     res = {**QUALITY, "rtn_3": 95.0, "gptq_3": 40.0, "owq_3": 30.0, "qeft_3": 27.0}
     f = tmp_path / "quality.txt"
     f.write_text("model x | calibration ...\n  rtn_4 ppl 30.4\n{not json\n" + json.dumps(res) + "\n\n")
-    fig = plot.plot_ppl_vs_bits(f, out=tmp_path / "ppl.png")
+    fig = plots.plot_ppl_vs_bits(f, out=tmp_path / "ppl.png")
     ax = fig.axes[0]
     assert len(ax.lines) == 5
     assert all(len(line.get_xdata()) == 2 for line in ax.lines[:4])  # 3 and 4 bits per method
@@ -97,15 +98,15 @@ def test_ppl_vs_bits_from_stdout_file(tmp_path):
 
 def test_ppl_vs_bits_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        plot.plot_ppl_vs_bits(tmp_path / "missing.json")
+        plots.plot_ppl_vs_bits(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("no json here\n{broken")
     with pytest.raises(ValueError, match="no line parses as a JSON object"):
-        plot.plot_ppl_vs_bits(bad)
+        plots.plot_ppl_vs_bits(bad)
     with pytest.raises(ValueError, match="no '<method>_<bits>' keys"):
-        plot.plot_ppl_vs_bits({"fp": 10.0, "foo": 3.0})
+        plots.plot_ppl_vs_bits({"fp": 10.0, "foo": 3.0})
     with pytest.raises(ValueError, match="expected a perplexity number"):
-        plot.plot_ppl_vs_bits({"fp": 10.0, "qeft_4": "high"})
+        plots.plot_ppl_vs_bits({"fp": 10.0, "qeft_4": "high"})
 
 
 def _metrics(path: Path, steps: int, start: float, eval_every: int | None) -> Path:
@@ -124,69 +125,79 @@ def test_loss_curves(tmp_path):
     a = _metrics(tmp_path / "qeft" / "metrics.jsonl", 20, 3.0, eval_every=5)
     b = _metrics(tmp_path / "lora" / "metrics.jsonl", 20, 3.2, eval_every=None)
     out = tmp_path / "loss.png"
-    fig = plot.plot_loss_curves([a, b], out=out)
+    fig = plots.plot_loss_curves([a, b], out=out)
     assert _is_png(out)
     ax = fig.axes[0]
     assert len(ax.lines) == 3  # qeft train + held-out, lora train
     labels = [line.get_label() for line in ax.lines]
     assert labels == ["qeft train", "qeft held-out", "lora train"]
     assert len(ax.lines[1].get_xdata()) == 4
-    fig = plot.plot_loss_curves([a, b], labels=["x", "y"], smooth=0.8)
+    fig = plots.plot_loss_curves([a, b], labels=["x", "y"], smooth=0.8)
     assert len(fig.axes[0].lines) == 5  # raw + EMA per run, + held-out
 
 
 def test_loss_curves_errors(tmp_path):
     a = _metrics(tmp_path / "m.jsonl", 3, 3.0, None)
     with pytest.raises(ValueError, match="2 labels for 1"):
-        plot.plot_loss_curves([a], labels=["x", "y"])
+        plots.plot_loss_curves([a], labels=["x", "y"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1, "loss": 2.0}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        plot.plot_loss_curves([bad])
+        plots.plot_loss_curves([bad])
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"step": 1}\n')
     with pytest.raises(ValueError, match="no records with numeric 'step' and 'loss'"):
-        plot.plot_loss_curves([empty])
+        plots.plot_loss_curves([empty])
     with pytest.raises(FileNotFoundError):
-        plot.plot_loss_curves([tmp_path / "missing.jsonl"])
+        plots.plot_loss_curves([tmp_path / "missing.jsonl"])
 
 
-KERNEL_STDOUT = """jax 0.6.0, backend gpu, GPU: NVIDIA H100 80GB HBM3
-checks took 12.0s
-
-HBM peak for 'NVIDIA H100 80GB HBM3': 3.35 TB/s; bits=4 g=128 k=128
-     out x in  M kernel us    GB/s  %peak  bf16 us deq+dot us vs bf16  vs deq  rel_err
-  4096x4096    1      12.0    1500   44.8     30.0       50.0    2.50    4.17  1.0e-03
- 11008x4096    1      25.0    1900   56.7     80.0      120.0    3.20    4.80  1.2e-03
-   576x576     1       4.0      50    1.5      5.0        9.0    1.25    2.25  9.0e-04  (L2-resident)
-{"interpret_max_rel_err": 0.001, "lowers_for_cuda": true, "gpu": "NVIDIA H100 80GB HBM3", "timed": true, "speedup_vs_bf16": 3.2}
-"""
+def _kernel_row(us: float, bf16: float, deq: float, l2: bool) -> dict:
+    return {"us": us, "us_bf16": bf16, "us_dequant": deq, "gbps": 1500.0, "speedup_vs_bf16": round(bf16 / us, 4),
+            "speedup_vs_dequant": round(deq / us, 4), "copies": 8, "l2_resident": l2, "rel_err": 1e-3}
 
 
-def test_kernel_speed_table(tmp_path):
+KERNEL_JSON = {"interpret_max_rel_err": 0.001, "lowers_for_cuda": True, "gpu": "NVIDIA H100 80GB HBM3",
+               "timed": True, "speedup_vs_bf16": 3.2,
+               "rows": {"4096x4096_M1": _kernel_row(12.0, 30.0, 50.0, False),
+                        "11008x4096_M1": _kernel_row(25.0, 80.0, 120.0, False),
+                        "576x576_M1": _kernel_row(4.0, 5.0, 9.0, True)}}
+# what benchmarks/kernel.py prints: a table for people, then its JSON as the last line
+KERNEL_STDOUT = ("jax 0.6.0, backend gpu, GPU: NVIDIA H100 80GB HBM3\nchecks took 12.0s\n\n"
+                 "     out x in  M kernel us ...\n  4096x4096    1      99.0 ...\n" + json.dumps(KERNEL_JSON) + "\n\n")
+
+
+def test_kernel_speed_from_output_and_json(tmp_path):
     f = tmp_path / "kernel.txt"
     f.write_text(KERNEL_STDOUT)
     out = tmp_path / "kernel.png"
-    fig = plot.plot_kernel_speed(f, out=out)
+    fig = plots.plot_kernel_speed(f, out=out)
     assert _is_png(out)
     ax = fig.axes[0]
     assert len(ax.patches) == 6  # 3 shapes x (vs bf16, vs dequant)
     assert [bool(p.get_hatch()) for p in ax.patches[:3]] == [False, False, True]
-    _, rows = plot.load_kernel(f)
+    _, rows = plots.load_kernel(f)
     assert [r["speedup_vs_bf16"] for r in rows] == [2.5, 3.2, 1.25]
+    assert [(r["out"], r["in"], r["m"]) for r in rows] == [(4096, 4096, 1), (11008, 4096, 1), (576, 576, 1)]
+    js = tmp_path / "kernel.json"
+    js.write_text(json.dumps(KERNEL_JSON, indent=2))  # a plain (pretty-printed) .json file
+    assert plots.load_kernel(js) == plots.load_kernel(f) == plots.load_kernel(KERNEL_JSON)
 
 
-def test_kernel_speed_headline_only_and_no_gpu(tmp_path):
-    fig = plot.plot_kernel_speed({"gpu": "H100", "timed": True, "speedup_vs_bf16": 3.1,
-                                  "speedup_vs_dequant_dot": 4.0})
+def test_kernel_speed_one_row_and_no_gpu(tmp_path):
+    fig = plots.plot_kernel_speed({"gpu": "H100", "timed": True,
+                                   "rows": {"11008x4096_M8": _kernel_row(31.0, 96.1, 124.0, False)}})
     assert len(fig.axes[0].patches) == 2
+    assert fig.axes[0].get_xticklabels()[0].get_text() == "11008x4096\nM=8"
     cpu = tmp_path / "cpu.json"
     cpu.write_text('interpret ...\n{"interpret_max_rel_err": 0.0, "lowers_for_cuda": true, '
                    '"gpu": null, "timed": false}\n')
     with pytest.raises(ValueError, match="ran without a GPU"):
-        plot.plot_kernel_speed(cpu)
+        plots.plot_kernel_speed(cpu)
     with pytest.raises(ValueError, match="no GPU timings"):
-        plot.plot_kernel_speed({"interpret_max_rel_err": 0.0})
+        plots.plot_kernel_speed({"interpret_max_rel_err": 0.0})
+    with pytest.raises(ValueError, match="bad per-shape entry '11008x4096'"):
+        plots.plot_kernel_speed({"gpu": "H100", "timed": True, "rows": {"11008x4096": _kernel_row(1, 2, 3, False)}})
 
 
 def test_cli(tmp_path, capsys):
@@ -194,8 +205,10 @@ def test_cli(tmp_path, capsys):
     res = tmp_path / "res.json"
     res.write_text(json.dumps(QUALITY))
     m = _metrics(tmp_path / "run" / "metrics.jsonl", 5, 3.0, 2)
+    kernel = tmp_path / "kernel.json"
+    kernel.write_text(json.dumps(KERNEL_JSON))
     outs = {"weak-channels": [str(ckpt), "--top", "4"], "ppl-vs-bits": [str(res)],
-            "loss-curves": [str(m), "--labels", "qeft"]}
+            "loss-curves": [str(m), "--labels", "qeft"], "kernel-speed": [str(kernel)]}
     for cmd, args in outs.items():
         out = tmp_path / f"{cmd}.png"
         plot.main([cmd, *args, "--out", str(out)])

@@ -1,7 +1,7 @@
 """Quantization against plain numpy references (odd shapes, partial last groups, CPU float32).
 
 Every reference below is written from the definitions (paper section 3, Algorithm 1 in appendix B,
-and the packed layout documented in qeft_jax.quant.pack), not from the library's code.
+and the packed layout documented in qeft_jax.packing), not from the library's code.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 
 from qeft_jax.quant.groupwise import rtn, search_group_params
 from qeft_jax.quant.optq import optq
-from qeft_jax.quant.pack import dequantize, pack_codes, qeft_matmul_ref, unpack_codes
-from qeft_jax.quant.recipes import make_recipe
+from qeft_jax.packing import dequantize, pack_codes, qeft_matmul_ref, unpack_codes
+from qeft_jax.recipes import make_recipe
 from qeft_jax.quant.select import global_weak_index, top_k
 
 # ----------------------------------------------------------------------------- numpy references
@@ -333,28 +333,34 @@ def rel_err(a, b):
 
 
 def _permuted_logits(ckpt, perm, ffn_perms, ids):
-    """Logits of the checkpoint as is and after permute_model (both built the same way)."""
+    """Logits of the checkpoint as is and after reordering every tensor by spec's table (the
+    hidden permutation everywhere, layer i's FFN permutation in layer i), both built the same way."""
     from safetensors.numpy import load_file
 
+    from qeft_jax import spec
     from qeft_jax.config import LlamaConfig
-    from qeft_jax.model import abstract_model, load_params
-    from qeft_jax.quant.reorder import permute_model
+    from qeft_jax.model import abstract_model, place_tensors
 
     cfg = LlamaConfig.from_json_file(ckpt / "config.json")
     t = {k: np.asarray(v, np.float32) for k, v in load_file(ckpt / "model.safetensors").items()}
     model = abstract_model(cfg)
-    load_params(model, t)
+    place_tensors(model, t)
     ref = np.asarray(model(jnp.asarray(ids)))
     del model
-    pt = permute_model(t, cfg.num_hidden_layers, perm, ffn_perms)
-    # the tensors really are permuted (a no-op permute_model would fail here)
+    pt = spec.permute(t, spec.top_dims(cfg), {"hidden": perm})
+    for i in range(cfg.num_hidden_layers):
+        dims = {spec.layer_prefix(i) + k: v for k, v in spec.layer_dims(cfg).items()}
+        pt = spec.permute(pt, dims, {"hidden": perm, "ffn": ffn_perms[i]})
+    # the tensors really are permuted (a no-op permutation would fail here)
     q = "model.layers.0.self_attn.q_proj.weight"
     np.testing.assert_array_equal(pt[q], t[q][:, perm])
     gp = "model.layers.0.mlp.gate_proj.weight"
     np.testing.assert_array_equal(pt[gp], t[gp][ffn_perms[0]][:, perm])
+    dp = "model.layers.0.mlp.down_proj.weight"
+    np.testing.assert_array_equal(pt[dp], t[dp][perm][:, ffn_perms[0]])
     del t
     pmodel = abstract_model(cfg)
-    load_params(pmodel, pt)
+    place_tensors(pmodel, pt)
     return np.asarray(pmodel(jnp.asarray(ids))), ref
 
 

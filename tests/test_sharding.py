@@ -36,7 +36,7 @@ CHILD = textwrap.dedent(r"""
     from qeft_jax.quant import calibrate
     from qeft_jax.quant.calibrate import build_layer, run_block
     from qeft_jax.quant.pipeline import _read_layer, quantize_checkpoint
-    from qeft_jax.quant.recipes import make_recipe
+    from qeft_jax.recipes import make_recipe
     from qeft_jax import sharding as shd
 
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -44,7 +44,7 @@ CHILD = textwrap.dedent(r"""
     mesh = shd.make_mesh()
     res["mesh"] = {k: int(v) for k, v in mesh.shape.items()}
     cfg = LlamaConfig.from_json_file(src / "config.json")
-    layer = build_layer(cfg, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
+    layer = build_layer(cfg, 0, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
     x = np.random.default_rng(1).standard_normal((10, 16, cfg.hidden_size)).astype(np.float32)
 
     def rel(a, b):
@@ -122,7 +122,7 @@ def test_sharded_quantization_matches_single_device(child):
     from safetensors.numpy import load_file
 
     from qeft_jax import load_model
-    from qeft_jax.quant.pack import unpack_codes
+    from qeft_jax.packing import unpack_codes
 
     src, out, res = child
     assert res["mesh"]["data"] == N_DEV
@@ -164,7 +164,7 @@ def test_padding_weights_drop_copies(converted):
 
     src = converted["mha_tied"]
     cfg = LlamaConfig.from_json_file(src / "config.json")
-    layer = build_layer(cfg, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 1))
+    layer = build_layer(cfg, 1, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 1))
     graphdef, state = nnx.split(layer)
     x = np.random.default_rng(2).standard_normal((3, 8, cfg.hidden_size)).astype(np.float32)
     padded = np.concatenate([x, x[:1]])
@@ -187,7 +187,7 @@ def test_one_device_mesh_matches_plain(converted):
 
     src = converted["gqa_untied"]
     cfg = LlamaConfig.from_json_file(src / "config.json")
-    layer = build_layer(cfg, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
+    layer = build_layer(cfg, 0, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
     x = np.random.default_rng(3).standard_normal((5, 8, cfg.hidden_size)).astype(np.float32)
     y, h = run_block(layer, x, cfg, batch_size=2, stats="full")
     ym, hm = run_block(layer, x, cfg, batch_size=2, stats="full", mesh=make_mesh(devices=jax.devices()[:1]))
@@ -301,7 +301,7 @@ TRAIN_CHILD = textwrap.dedent(r"""
 @pytest.fixture(scope="module")
 def train_child(converted, tmp_path_factory):
     from qeft_jax.quant.pipeline import quantize_checkpoint
-    from qeft_jax.quant.recipes import make_recipe
+    from qeft_jax.recipes import make_recipe
 
     fp = Path(converted["gqa_untied"])
     root = tmp_path_factory.mktemp("fsdp")

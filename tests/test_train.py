@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qeft_jax import tokenization
 from qeft_jax.io import SafetensorsReader
 from train import data as tdata
 
@@ -51,11 +52,27 @@ def read_tensors(d: Path) -> dict[str, np.ndarray]:
     return {k: r.get(k) for k in r.keys()}
 
 
+def trained_leaves(out: Path, step: int | None = None) -> tuple[int, list[np.ndarray]]:
+    """(step, trainable leaves in tree order) of a run's latest (or given) orbax checkpoint, read with
+    orbax directly (train.trainer.Checkpoints saves {"trainable": {"000000": leaf, ...}, "opt": ...})."""
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager((Path(out) / "checkpoints").resolve())
+    try:
+        step = mngr.latest_step() if step is None else step
+        assert step is not None, f"{out} has no training checkpoint"
+        got = mngr.restore(step, args=ocp.args.StandardRestore())
+    finally:
+        mngr.close()
+    t = got["trainable"]
+    return step, [np.asarray(t[k]) for k in sorted(t)]
+
+
 @pytest.fixture(scope="module")
 def qdirs(converted, tmp_path_factory):
     """(fp dir, quantized qeft dir) of the gqa_untied tiny model."""
     from qeft_jax.quant.pipeline import quantize_checkpoint
-    from qeft_jax.quant.recipes import make_recipe
+    from qeft_jax.recipes import make_recipe
 
     src = Path(converted["gqa_untied"])
     out = tmp_path_factory.mktemp("q") / "qeft"
@@ -84,7 +101,7 @@ def test_response_only_masking():
     tok = StubTokenizer()
     ex = {"instruction": "Say hi", "input": "", "output": "hi"}
     ids, mask = tdata.encode_example(tok, ex)
-    prompt = tok.encode(tdata.ALPACA_PROMPT.format(instruction="Say hi"), add_special_tokens=True)
+    prompt = tok.encode(tokenization.ALPACA_PROMPT.format(instruction="Say hi"), add_special_tokens=True)
     assert ids.tolist() == prompt + tok.encode("hi", add_special_tokens=False) + [2]
     assert not mask[:len(prompt)].any() and mask[len(prompt):].all()
     # chat template: the response is what the full conversation adds after the generation prompt
@@ -132,12 +149,14 @@ def test_packing():
     assert not np.array_equal(tdata.rows_for_step(10, 5, 4, 0), a[:5])
 
 
-def test_load_jsonl_errors(tmp_path):
+def test_load_instructions_errors(tmp_path):
+    from qeft_jax.data import load_instructions
+
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x"}])
     with pytest.raises(ValueError, match="output"):
-        tdata.load_jsonl(bad)
+        load_instructions(bad)
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"instruction": "x", "output": "y", "input": None}])
-    assert tdata.load_jsonl(ok) == [{"instruction": "x", "input": "", "output": "y"}]
+    assert load_instructions(ok) == [{"instruction": "x", "input": "", "output": "y"}]
 
 
 # ----------------------------------------------------------------------------------- training
@@ -165,7 +184,7 @@ def test_qeft_trains_only_weak_columns(qdirs, qeft_run):
             continue
         assert before[k].dtype == after[k].dtype and np.array_equal(before[k], after[k]), k
     assert sum(not np.array_equal(before[k], after[k]) for k in weak) == len(weak)
-    from train.trainer import OWN_FILES
+    from qeft_jax.checkpoint import OWN_FILES
 
     carried = [f.name for f in q.iterdir() if f.is_file() and f.name not in OWN_FILES]
     assert all((out / n).read_bytes() == (q / n).read_bytes() for n in carried)  # e.g. selection.safetensors
@@ -216,7 +235,7 @@ def test_loss_decreases_on_overfit(qdirs, tmp_path):
 
 
 def test_resume_is_bit_identical(qdirs, data_file, qeft_run, tmp_path):
-    from train.trainer import load_trained_leaves, train
+    from train.trainer import train
 
     _, q = qdirs
     tok = StubTokenizer(chat=True)
@@ -232,10 +251,10 @@ def test_resume_is_bit_identical(qdirs, data_file, qeft_run, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tokenizer=tok, on_step=interrupt)
     assert not (resumed / "train_done.json").exists()
-    assert load_trained_leaves(resumed)[0] == 4  # state saved on interrupt
+    assert trained_leaves(resumed)[0] == 4  # state saved on interrupt
     train(cfg, tokenizer=tok)
-    s1, a = load_trained_leaves(straight)
-    s2, b = load_trained_leaves(resumed)
+    s1, a = trained_leaves(straight)
+    s2, b = trained_leaves(resumed)
     assert s1 == s2 == 6
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     ta, tb = read_tensors(straight), read_tensors(resumed)
@@ -251,24 +270,21 @@ def test_resume_is_bit_identical(qdirs, data_file, qeft_run, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_state(qdirs, data_file, tmp_path):
-    from qeft_jax.config import LlamaConfig
-    from qeft_jax.io import atomic_dir, tokenizer_files
-    from qeft_jax.quant.checkpoint import read_quantized, write_quantized
-    from train.trainer import NonFiniteLoss, load_trained_leaves, train
+    from qeft_jax.checkpoint import read_info, read_tensors, tokenizer_files, write_quantized
+    from qeft_jax.io import atomic_dir
+    from train.trainer import NonFiniteLoss, train
 
     _, q = qdirs
-    cfg = LlamaConfig.from_json_file(q / "config.json")
-    info, _, t = read_quantized(q, cfg)
-    t = dict(t)
+    info = read_info(q)
+    t = dict(read_tensors(info))
     t["model.layers.1.mlp.down_proj.weak"] = np.full_like(t["model.layers.1.mlp.down_proj.weak"], np.inf)
     bad = tmp_path / "bad"
     with atomic_dir(bad) as tmp:
-        write_quantized(tmp, cfg, t, {k: v for k, v in info.items() if k not in ("sha256", "format_version")},
-                        tokenizer_files(q))
+        write_quantized(tmp, info.config, t, info.derived_meta(), tokenizer_files(q))
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLoss, match="non-finite"):
         train(cfg_for(bad, out, data_file, steps=3), tokenizer=StubTokenizer(chat=True))
-    step, _ = load_trained_leaves(out)
+    step, _ = trained_leaves(out)
     assert step == 0 and not (out / "model.safetensors").exists()
 
 
@@ -315,13 +331,16 @@ def test_merge_into_base_reproduces_tuned(qdirs, qeft_run, tmp_path):
 
 
 def test_merge_into_fp_target_changes_exactly_weak_columns(qdirs, qeft_run, tmp_path):
-    from train.merge import channel_maps, merge
+    from qeft_jax.checkpoint import layer_perms, read_info
+    from qeft_jax.spec import linear_axis_perms
+    from train.merge import merge
 
     fp, q = qdirs
     tuned, _ = qeft_run
     out = tmp_path / "merged_fp"
     merge(tuned, q, fp, out)
     before, after, tq, bq = read_tensors(fp), read_tensors(out), read_tensors(tuned), read_tensors(q)
+    cfg = read_info(q).config
     assert before.keys() == after.keys()
     for k in before:
         if not (k.startswith("model.layers.") and k.endswith("_proj.weight")):
@@ -329,7 +348,7 @@ def test_merge_into_fp_target_changes_exactly_weak_columns(qdirs, qeft_run, tmp_
             continue
         i, name = int(k.split(".")[2]), k.split(".", 3)[3][: -len(".weight")]
         p = f"model.layers.{i}.{name}"
-        rows, cols = channel_maps(bq, i, name, before[k].shape)
+        rows, cols = linear_axis_perms(name, layer_perms(bq, i), cfg)
         weak_orig = cols[bq[p + ".weak_idx"]]
         diff = after[k].astype(np.float64) - before[k].astype(np.float64)
         mask = np.zeros(before[k].shape, bool)

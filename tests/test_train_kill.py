@@ -1,10 +1,12 @@
 """A SIGKILLed `qeft_jax.train`, rerun with the same command, ends bit-identical to a straight run.
 
-The runs are subprocesses (CPU, float32). The kill points are made deterministic by the trainer's
-test-only QEFT_JAX_TEST_PAUSE hook (train/trainer.py: `_test_pause`): `step:N` stalls the run right
-after step N's update is computed (before it is recorded or checkpointed), `save:N` stalls it inside
-the orbax save of step N (data written to the temporary directory, not yet committed). The hook
-announces the stall on stderr; the test then SIGKILLs the process there.
+The runs are subprocesses (CPU, float32). The killed run is tests/train_kill_child.py: the same
+training command with a stall injected from outside the trainer: `step:N` (train()'s `after_update`
+hook) stalls the run right after step N's update is computed (before it is recorded or
+checkpointed), `save:N` (a Checkpoints subclass with a pausing orbax temporary path) stalls it inside
+the orbax save of step N (data written to the temporary directory, not yet committed). The child
+announces the stall on stderr; the test then SIGKILLs the process there. The reference run and the
+resuming rerun are the plain `python -m qeft_jax.train` command.
 """
 from __future__ import annotations
 
@@ -23,22 +25,25 @@ from qeft_jax.io import SafetensorsReader
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-PAUSE = "QEFT_JAX_TEST_PAUSE"
+CHILD = Path(__file__).with_name("train_kill_child.py")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
+def _flags(model: Path, data: Path, out: Path) -> list[str]:
+    return ["--model", str(model), "--method", "qeft", "--data", str(data), "--seq-len", "32",
+            "--batch-size", "4", "--micro-batch-size", "2", "--steps", str(STEPS), "--lr", "3e-2",
+            "--save-every", "1", "--eval-every", "3", "--eval-rows", "4", "--val-fraction", "0.1",
+            "--dtype", "float32", "--no-progress", "--out", str(out)]
+
+
 def _cmd(model: Path, data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "qeft_jax.train", "--model", str(model), "--method", "qeft",
-            "--data", str(data), "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "2",
-            "--steps", str(STEPS), "--lr", "3e-2", "--save-every", "1", "--eval-every", "3",
-            "--eval-rows", "4", "--val-fraction", "0.1", "--dtype", "float32", "--no-progress",
-            "--out", str(out)]
+    return [sys.executable, "-m", "qeft_jax.train", *_flags(model, data, out)]
 
 
 def _env(jax_cache: Path) -> dict[str, str]:
     """Every run's environment. A persistent XLA compilation cache shared by the runs: the first (the
     reference) compiles, the others load the same executables instead of recompiling (~6 s each)."""
-    env = {k: v for k, v in os.environ.items() if k != PAUSE}
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(jax_cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -50,17 +55,18 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def _kill_at(cmd: list[str], env: dict[str, str], where: str) -> None:
-    """Start `cmd` with the pause hook set to `where` and SIGKILL it once it stalls there."""
-    proc = subprocess.Popen(cmd, env={**env, PAUSE: where}, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def _kill_at(flags: list[str], env: dict[str, str], where: str) -> None:
+    """Start the training command `flags` with a stall at `where` (tests/train_kill_child.py) and
+    SIGKILL it once it stalls there."""
+    proc = subprocess.Popen([sys.executable, str(CHILD), where, *flags], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(240, proc.kill)  # never hang the suite if the pause is not reached
     watchdog.start()
     seen: list[str] = []
     try:
         for line in proc.stderr:
             seen.append(line)
-            if line.strip() == f"{PAUSE} {where}":
+            if line.strip() == f"PAUSED {where}":
                 break
         else:
             pytest.fail(f"the run ended (rc {proc.wait()}) without reaching {where}:\n" + "".join(seen[-40:]))
@@ -91,7 +97,7 @@ def _metric_steps(out: Path) -> list[int]:
 def setup(tiny_with_tokenizer, tmp_path_factory):
     """(quantized model, data file, reference run dir, env): the reference is an uninterrupted subprocess run."""
     from qeft_jax.quant.pipeline import quantize_checkpoint
-    from qeft_jax.quant.recipes import make_recipe
+    from qeft_jax.recipes import make_recipe
 
     model, _ = tiny_with_tokenizer
     root = tmp_path_factory.mktemp("train_kill")
@@ -136,7 +142,7 @@ def test_kill_mid_step_and_resume_bit_identical(setup, tmp_path):
     q, data, ref, env = setup
     out = tmp_path / "run"
     cmd = _cmd(q, data, out)
-    _kill_at(cmd, env, "step:4")  # step 4's update computed in memory, not yet recorded or saved
+    _kill_at(_flags(q, data, out), env, "step:4")  # step 4's update computed in memory, not yet recorded or saved
     assert not (out / "train_done.json").exists() and not (out / "model.safetensors").exists()
     assert _steps_saved(out)[-1] == 3 and _metric_steps(out) == [0, 1, 2, 3]
     _run(cmd, env)
@@ -147,7 +153,7 @@ def test_kill_mid_save_and_resume_bit_identical(setup, tmp_path):
     q, data, ref, env = setup
     out = tmp_path / "run"
     cmd = _cmd(q, data, out)
-    _kill_at(cmd, env, "save:3")  # inside the orbax save of step 3: written to its temporary dir, not committed
+    _kill_at(_flags(q, data, out), env, "save:3")  # inside the orbax save of step 3: written to its temporary dir, not committed
     ckpts = out / "checkpoints"
     assert not (out / "train_done.json").exists() and not (out / "model.safetensors").exists()
     assert _steps_saved(out)[-1] == 2, "the interrupted save must not count as a checkpoint"

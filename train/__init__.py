@@ -2,7 +2,8 @@
 and packing, and QEFT merging.
 
   train.trainer  the loop (`TrainConfig`, `train`), checkpoints/resume, export
-  train.data     Alpaca/Open-Platypus jsonl, prompt formatting + response masks, packing, data order
+  train.data     response masks, packing, data order (prompts: qeft_jax.tokenization; jsonl:
+                 qeft_jax.data.load_instructions)
   train.lora     LoRA/QLoRA adapters, merging adapters into fp weights, saving/loading adapters
   train.merge    QEFT merging (Δ of the weak columns into a quantized or fp target)
 

@@ -1,11 +1,12 @@
-"""Instruction data for fine-tuning: Alpaca/Open-Platypus jsonl, prompt formatting, response-only
-loss masks, sequence packing and a data order that is a pure function of (seed, step).
+"""Instruction data for fine-tuning: response-only loss masks, sequence packing and a data order
+that is a pure function of (seed, step).
 
-An example is {"instruction", "input", "output"} ("input" optional). It becomes token ids
-`prompt + response`; only response tokens are loss targets. With a chat template the prompt is
-the user turn rendered with `add_generation_prompt=True` and the response is the rest of the
-rendered conversation (assistant text + end-of-turn tokens); without one the Alpaca prompt
-format is used and the response is `output + eos`.
+An example is {"instruction", "input", "output"} ("input" optional), read from an Alpaca /
+Open-Platypus file by `qeft_jax.data.load_instructions` or built from the bundled tasks
+(`builtin_examples`). It becomes token ids `prompt + response` by
+`qeft_jax.tokenization.example_ids`, the prompt format that generation uses too (the chat template
+when the tokenizer has one, else the Alpaca prompt; see that module); only response tokens are
+loss targets.
 
 Packing: examples are placed first-fit (longest first) into rows of exactly `seq_len` tokens,
 separated by nothing (each example carries its own BOS/EOS from the template), padded at the end.
@@ -17,46 +18,13 @@ response token of the same example as its input token.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from qeft_jax.io import parse_jsonl
-
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that "
-                       "provides further context. Write a response that appropriately completes the "
-                       "request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
-                       "### Response:\n")
-
-
-def load_jsonl(path: str | Path) -> list[dict[str, str]]:
-    """Read an Alpaca / Open-Platypus jsonl (or a .json list) of {instruction, input, output}."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"instruction data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        rows = json.loads(text)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of examples")
-    else:
-        rows = [rec for _, rec in parse_jsonl(text, path)]
-    out = []
-    for n, r in enumerate(rows, 1):
-        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
-            raise ValueError(f"{path}: example {n} needs 'instruction' and 'output' fields "
-                             f"(Alpaca/Open-Platypus schema), got {sorted(r) if isinstance(r, dict) else r!r}")
-        out.append({"instruction": str(r["instruction"]), "input": str(r.get("input") or ""),
-                    "output": str(r["output"])})
-    if not out:
-        raise ValueError(f"{path} holds no examples")
-    return out
-
+from qeft_jax import data as data_mod
+from qeft_jax import tokenization
 
 # Bundled tasks with a train split usable as instructions (winogrande's per-choice contexts are not).
 DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "csqa", "hellaswag", "openbookqa", "piqa", "socialiqa")
@@ -64,43 +32,19 @@ DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "csqa", "hellaswag", "ope
 
 def builtin_examples(tasks: Sequence[str] | None, limit_per_task: int, seed: int) -> list[dict[str, str]]:
     """The bundled instruction set (train splits of the built-in tasks), from qeft_jax.data."""
-    from qeft_jax import data as data_mod
-
     if not tasks:
         avail = data_mod.list_tasks()
         tasks = [t for t in DEFAULT_TASKS if data_mod.TRAIN_VARIANT in avail.get(t, ())]
     return list(data_mod.instruction_examples(list(tasks), limit_per_task, seed))
 
 
-def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=special))
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
-
-
-def encode_example(tokenizer: Any, ex: dict[str, str], *, chat: bool | None = None
+def encode_example(tokenizer: Any, ex: dict[str, str], *, style: str | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [n], response_mask bool [n]) for one example."""
-    chat = has_chat_template(tokenizer) if chat is None else chat
-    user = ex["instruction"] + (("\n\n" + ex["input"]) if ex.get("input") else "")
-    if chat:
-        msgs = [{"role": "user", "content": user}]
-        prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": ex["output"]}],
-                                             tokenize=False)
-        response = full[len(prompt):] if full.startswith(prompt) else ex["output"]
-        p_ids = _encode(tokenizer, prompt, special=False)
-        r_ids = _encode(tokenizer, response, special=False)
-    else:
-        tmpl = ALPACA_PROMPT_INPUT if ex.get("input") else ALPACA_PROMPT
-        p_ids = _encode(tokenizer, tmpl.format(instruction=ex["instruction"], input=ex.get("input", "")),
-                        special=True)
-        r_ids = _encode(tokenizer, ex["output"], special=False)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is not None:
-            r_ids = r_ids + [int(eos)]
+    """(ids int32 [n], response_mask bool [n]) for one example: the prompt and response ids of
+    `qeft_jax.tokenization.example_ids` (style None: chat template if any, else Alpaca), the mask
+    True on the response."""
+    p_ids, r_ids = tokenization.example_ids(tokenizer, ex["instruction"], ex.get("input") or "",
+                                            ex["output"], style=style)
     ids = np.asarray(p_ids + r_ids, np.int32)
     mask = np.zeros(len(ids), bool)
     mask[len(p_ids):] = True

@@ -21,8 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
-from qeft_jax.params import LINEAR_NAMES
+from qeft_jax.io import SafetensorsReader
+from qeft_jax.load import load_model
+from qeft_jax.model import named_variables, place_tensors, swap_linears
+from qeft_jax.spec import LINEAR_NAMES
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,18 +62,18 @@ class LoRALinear(nnx.Module):
 
 
 def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int) -> None:
-    """Wrap every block linear of `model` (in place) with a LoRALinear; deterministic in `seed`."""
+    """Wrap every block linear of `model` (in place) with a LoRALinear; deterministic in `seed`
+    (the adapters draw their init in swap_linears' order: layer by layer, spec.LINEARS order)."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
     rngs = nnx.Rngs(params=seed)
-    for layer in model.model.layers:
-        for name in LINEAR_NAMES:
-            parent, attr = name.split(".")
-            mod = getattr(layer, parent)
-            base = getattr(mod, attr)
-            if isinstance(base, LoRALinear):
-                raise ValueError("the model already carries LoRA adapters")
-            setattr(mod, attr, LoRALinear(base, rank, alpha, rngs=rngs))
+
+    def wrap(name: str, base: nnx.Module) -> LoRALinear:
+        if isinstance(base, LoRALinear):
+            raise ValueError("the model already carries LoRA adapters")
+        return LoRALinear(base, rank, alpha, rngs=rngs)
+
+    swap_linears(model, wrap)
 
 
 def lora_delta(a: np.ndarray, b: np.ndarray, rank: int, alpha: float) -> np.ndarray:
@@ -78,16 +82,12 @@ def lora_delta(a: np.ndarray, b: np.ndarray, rank: int, alpha: float) -> np.ndar
 
 def adapter_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """{'model.layers.{i}.{linear}.lora_A|lora_B': float32} of a LoRA-wrapped model."""
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, LoraParam)):
-        out[".".join(str(p) for p in path)] = np.asarray(var[...], np.float32)
-    return out
+    return {k: np.asarray(v, np.float32) for k, v in named_variables(model, LoraParam).items()}
 
 
 def merged_fp_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """HF-named fp tensors of a LoRA-wrapped dense model with every adapter merged into its weight."""
-    flat = {".".join(str(p) for p in path): np.asarray(v[...], np.float32)
-            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = {k: np.asarray(v, np.float32) for k, v in named_variables(model, nnx.Param).items()}
     out = {}
     for k, v in flat.items():
         if k.endswith(".lora_A") or k.endswith(".lora_B"):
@@ -113,8 +113,6 @@ def _get(model: nnx.Module, dotted: str) -> Any:
 
 
 def save_adapters(out: Path, model: nnx.Module, *, rank: int, alpha: float, meta: Mapping[str, Any]) -> None:
-    from safetensors.numpy import save_file
-
     save_file(adapter_tensors(model), str(out / ADAPTER_FILE), metadata={"format": "np"})
     (out / ADAPTER_CONFIG).write_text(json.dumps({"rank": rank, "alpha": alpha, "targets": list(LINEAR_NAMES),
                                                   **meta}, indent=2, sort_keys=True))
@@ -122,16 +120,11 @@ def save_adapters(out: Path, model: nnx.Module, *, rank: int, alpha: float, meta
 
 def load_with_adapters(path: str | Path, **kw: Any) -> tuple[nnx.Module, Any, Any]:
     """load_model(path) plus the LoRA adapters saved beside it (a QLoRA training output)."""
-    from qeft_jax.io import SafetensorsReader
-    from qeft_jax.load import load_model
-
     path = Path(path)
     model, tok, cfg = load_model(path, **kw)
     conf = json.loads((path / ADAPTER_CONFIG).read_text())
     apply_lora(model, int(conf["rank"]), float(conf["alpha"]), seed=0)
     reader = SafetensorsReader([path / ADAPTER_FILE])
-    state = nnx.state(model, LoraParam)
-    for p, var in nnx.to_flat_state(state):
-        var.set_value(jnp.asarray(reader.get(".".join(str(x) for x in p)), var[...].dtype))
-    nnx.update(model, state)
+    place_tensors(model, {k: reader.get(k) for k in reader.keys()}, only=LoraParam,
+                  source=str(path / ADAPTER_FILE))
     return model, tok, cfg

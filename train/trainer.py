@@ -34,7 +34,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,49 +45,78 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from qeft_jax import data as qdata
 from qeft_jax import sharding as shd
+from qeft_jax import tokenization
+from qeft_jax.checkpoint import (CONFIG_FILE, QUANTIZATION_FILE, TENSORS_FILE, CheckpointInfo, aux_files,
+                                 load_checkpoint, read_info, read_tensors, tokenizer_files, trained_tensors,
+                                 write_fp, write_quantized)
+from qeft_jax.config import LlamaConfig
 from qeft_jax.io import write_json_atomic
+from qeft_jax.load import resolve
+from qeft_jax.model import named_variables
+from qeft_jax.qlinear import WeakColumns
 from train import data as tdata
+from train.lora import LoraParam, apply_lora, merged_fp_tensors, save_adapters
 
 METHODS = ("qeft", "qlora", "lora", "full")
+# The variables each method trains (an nnx filter); everything else is frozen.
+TRAINABLE = {"qeft": WeakColumns, "qlora": LoraParam, "lora": LoraParam, "full": nnx.Param}
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient became NaN/Inf; the last good state was kept."""
 
 
-@dataclasses.dataclass
+def _opt(default: Any, help: str, *, resume: bool, **meta: Any) -> Any:
+    """A TrainConfig field: its default, help text (the CLI's too) and whether it is a resume key."""
+    return dataclasses.field(default=default, metadata={"help": help, "resume": resume, **meta})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    model: str                        # 'default' or a checkpoint dir (quantized for qeft/qlora, fp for lora/full)
-    out: str
-    method: str = "qeft"
-    data: str = "builtin"             # 'builtin' or an Alpaca/Open-Platypus .jsonl/.json
-    tasks: list[str] | None = None    # builtin only: which bundled tasks (None: all)
-    limit_per_task: int = 1000
-    val_data: str | None = None       # held-out jsonl; default: a val_fraction split of the data
-    val_fraction: float = 0.02
-    seq_len: int = 512
-    batch_size: int = 16              # effective batch (rows per optimizer step)
-    micro_batch_size: int = 4         # rows per forward/backward; batch_size / micro = accumulation
-    steps: int | None = None          # default: `epochs` passes over the packed rows
-    epochs: float = 1.0
-    lr: float | None = None           # default: qeft 1e-5 (k < 128) / 5e-6 (k >= 128); lora/qlora 2e-4; full 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    clip_norm: float = 0.3
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    seed: int = 0
-    remat: bool = False               # jax.checkpoint each decoder block
-    dtype: str = "auto"               # compute dtype: auto (bf16 on GPU, f32 elsewhere) | float32 | bfloat16
-    lora_rank: int = 64
-    lora_alpha: float = 16.0
-    save_every: int = 200
-    keep: int = 3
-    eval_every: int = 200
-    eval_rows: int = 64
-    progress: bool = True
-    devices: int = 1                  # data-parallel + FSDP over this many devices (0 = all)
+    """Everything a fine-tuning run is; `python -m qeft_jax.train` has one flag per field
+    (qeft_jax.cli.add_dataclass_arguments). Fields with metadata resume=True change what the run
+    computes: a rerun into the same `out` must match them (RESUME_KEYS)."""
+
+    model: str = _opt("default", "checkpoint dir or 'default' (quantized for qeft/qlora, fp for lora/full)",
+                      resume=True)
+    out: str = dataclasses.field(metadata={"help": "the run's directory (rerun into it to resume)",
+                                           "resume": False})
+    method: str = _opt("qeft", "what is trained: qeft weak columns, qlora/lora adapters, or full", resume=True,
+                       choices=METHODS)
+    data: str = _opt("builtin", "Alpaca/Open-Platypus .jsonl/.json (instruction, input, output) or 'builtin'",
+                     resume=True)
+    tasks: list[str] | None = _opt(None, "builtin data: which bundled tasks (default: all)", resume=True)
+    limit_per_task: int = _opt(1000, "builtin data: examples per task", resume=True)
+    val_data: str | None = _opt(None, "held-out jsonl (default: a val_fraction split of the data)", resume=True)
+    val_fraction: float = _opt(0.02, "held-out share of the data when there is no val_data", resume=True)
+    seq_len: int = _opt(512, "tokens per packed row", resume=True)
+    batch_size: int = _opt(16, "effective batch (rows per optimizer step)", resume=True)
+    micro_batch_size: int = _opt(4, "rows per forward/backward (gradient accumulation = batch / micro)",
+                                 resume=True)
+    steps: int | None = _opt(None, "optimizer steps (default: `epochs` passes over the packed rows)", resume=True)
+    epochs: float = _opt(1.0, "passes over the data when steps is not given", resume=True)
+    lr: float | None = _opt(None, "default: qeft 1e-5 (k<128) / 5e-6 (k>=128), lora/qlora 2e-4, full 1e-5",
+                            resume=True)
+    warmup_steps: int = _opt(0, "linear learning-rate warmup steps", resume=True)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", resume=True)
+    clip_norm: float = _opt(0.3, "global gradient-norm clip", resume=True)
+    adam_b1: float = _opt(0.9, "Adam beta1", resume=True)
+    adam_b2: float = _opt(0.999, "Adam beta2", resume=True)
+    seed: int = _opt(0, "data order, split and adapter init", resume=True)
+    remat: bool = _opt(False, "rematerialise each decoder block (less memory)", resume=False)
+    dtype: str = _opt("auto", "compute dtype: auto (bf16 on GPU, f32 elsewhere)", resume=True,
+                      choices=("auto", "float32", "bfloat16"))
+    lora_rank: int = _opt(64, "lora/qlora adapter rank", resume=True)
+    lora_alpha: float = _opt(16.0, "lora/qlora adapter alpha", resume=True)
+    save_every: int = _opt(200, "checkpoint every this many steps", resume=False)
+    keep: int = _opt(3, "checkpoints kept", resume=False)
+    eval_every: int = _opt(200, "held-out loss every this many steps (0: never)", resume=False)
+    eval_rows: int = _opt(64, "held-out rows per evaluation", resume=False)
+    progress: bool = _opt(True, "show a progress bar", resume=False)
+    devices: int = _opt(1, "data parallel + FSDP over this many devices (0 = all, 1 = single device)",
+                        resume=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -106,11 +134,10 @@ class TrainConfig:
             raise ValueError(f"devices must be >= 0 (0 = all), got {self.devices}")
 
 
+# What the trainer resolves and records beside the config; a rerun must match these too.
+RESOLVED_RESUME_KEYS = ("data_sha256", "resolved_lr", "resolved_steps")
 # Settings that change what the run computes: a rerun into the same --out must match them.
-RESUME_KEYS = ("model", "method", "data", "tasks", "limit_per_task", "val_data", "val_fraction",
-               "seq_len", "batch_size", "micro_batch_size", "steps", "epochs", "lr", "warmup_steps",
-               "weight_decay", "clip_norm", "adam_b1", "adam_b2", "seed", "dtype", "lora_rank",
-               "lora_alpha", "data_sha256", "resolved_lr", "resolved_steps")
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"]) + RESOLVED_RESUME_KEYS
 
 
 def compute_dtype(name: str) -> Any:
@@ -121,49 +148,40 @@ def compute_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def trainable_filter(method: str) -> Any:
-    from qeft_jax.qlinear import WeakColumns
-    from train.lora import LoraParam
-
-    return {"qeft": WeakColumns, "qlora": LoraParam, "lora": LoraParam, "full": nnx.Param}[method]
-
-
 def default_lr(method: str, k: int) -> float:
     if method == "qeft":
         return 5e-6 if k >= 128 else 1e-5
     return 2e-4 if method in ("lora", "qlora") else 1e-5
 
 
-def build_model(model_dir: Path, method: str, *, dtype: Any, lora_rank: int, lora_alpha: float,
-                seed: int) -> tuple[nnx.Module, Any, Any, dict[str, Any]]:
-    """(model, tokenizer, config, info) for a method; info has 'quantized' and 'k'."""
-    from qeft_jax.load import load_model
-
-    quantized = (model_dir / "quantization.json").is_file()
-    if method in ("qeft", "qlora") and not quantized:
+def check_method(info: CheckpointInfo, method: str) -> None:
+    """The checkpoint is one `method` can train (before anything is loaded)."""
+    if method in ("qeft", "qlora") and not info.quantized:
         raise ValueError(f"--method {method} needs a quantized QEFT checkpoint (python -m qeft_jax.quantize); "
-                         f"{model_dir} is an fp checkpoint")
-    if method in ("lora", "full") and quantized:
-        raise ValueError(f"--method {method} trains the fp model; {model_dir} is a quantized checkpoint "
+                         f"{info.path} is an fp checkpoint")
+    if method in ("lora", "full") and info.quantized:
+        raise ValueError(f"--method {method} trains the fp model; {info.path} is a quantized checkpoint "
                          f"(use --method qeft or qlora)")
+    if method == "qeft" and info.k == 0:
+        raise ValueError(f"{info.path} was quantized with k=0 weak columns: nothing to fine-tune")
+
+
+def build_model(model_dir: Path, method: str, *, dtype: Any, lora_rank: int, lora_alpha: float,
+                seed: int) -> tuple[nnx.Module, Any, LlamaConfig, CheckpointInfo]:
+    """(model, tokenizer, config, checkpoint info) for a method: the checkpoint loaded, with LoRA
+    adapters for lora/qlora."""
+    check_method(read_info(model_dir), method)
     # fp methods export every tensor: keep the frozen fp params in float32 so none is rounded
     param_dtype = jnp.float32 if method in ("lora", "full") else dtype
-    model, tok, cfg = load_model(model_dir, dtype=dtype, param_dtype=param_dtype)
-    k = 0
-    if quantized:
-        k = int(json.loads((model_dir / "quantization.json").read_text())["recipe"]["k"])
-        if method == "qeft" and k == 0:
-            raise ValueError(f"{model_dir} was quantized with k=0 weak columns: nothing to fine-tune")
+    model, info = load_checkpoint(model_dir, dtype=dtype, param_dtype=param_dtype)
     if method in ("lora", "qlora"):
-        from train.lora import apply_lora
-
         apply_lora(model, lora_rank, lora_alpha, seed)
-    return model, tok, cfg, {"quantized": quantized, "k": k}
+    return model, tokenization.load_tokenizer(info.path), info.config, info
 
 
 def split_trainable(model: nnx.Module, method: str) -> tuple[Any, nnx.State, nnx.State]:
     """(graphdef, trainable float32 master copy, frozen)."""
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(method), ...)
+    graphdef, trainable, frozen = nnx.split(model, TRAINABLE[method], ...)
     trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
     return graphdef, trainable, frozen
 
@@ -201,32 +219,12 @@ def segment_layout(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
     return positions, segments[:, :, None] == segments[:, None, :]
 
 
-def forward_logits(model: nnx.Module, tokens: jax.Array, remat: bool, segments: jax.Array | None = None) -> jax.Array:
-    """The training forward (no cache), optionally rematerialising each decoder block."""
-    return model.logits(forward_blocks(model, model.hidden_states(tokens), remat, segments))
-
-
-def forward_blocks(model: nnx.Module, x: jax.Array, remat: bool, segments: jax.Array | None = None) -> jax.Array:
-    """The decoder blocks on embeddings x [B, T, D]: causal over the row, or, given packed
+def training_logits(model: nnx.Module, tokens: jax.Array, remat: bool, segments: jax.Array | None = None
+                    ) -> jax.Array:
+    """Logits [B, T, V] of the model's forward (no cache): causal over the row, or, given packed
     `segments` [B, T], within each example (`segment_layout`)."""
-    b, t = x.shape[:2]
-    if segments is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        kv_valid = jnp.ones((b, t), jnp.int32)
-    else:
-        positions, kv_valid = segment_layout(segments)
-    inv_freq = model.inv_freq[...]
-    for layer in model.model.layers:
-        if remat:
-            gd, st = nnx.split(layer)
-
-            def block(st, x, gd=gd):
-                return nnx.merge(gd, st)(x, positions, kv_valid, inv_freq, None, 0)[0]
-
-            x = jax.checkpoint(block)(st, x)
-        else:
-            x, _ = layer(x, positions, kv_valid, inv_freq, None, 0)
-    return x
+    positions, visible = (None, None) if segments is None else segment_layout(segments)
+    return model.forward(tokens, attention_mask=visible, positions=positions, remat=remat)[0]
 
 
 def make_optimizer(lr: float, cfg: TrainConfig) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
@@ -269,7 +267,7 @@ def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool, 
 
     def loss_sums(trainable, frozen, tokens, weights, segments=None):
         model = nnx.merge(graphdef, trainable, frozen)
-        logits = forward_logits(model, tokens, remat, segments)[:, :-1].astype(jnp.float32)
+        logits = training_logits(model, tokens, remat, segments)[:, :-1].astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         w = weights[:, 1:]
         return jnp.sum(nll * w), jnp.sum(w)
@@ -300,26 +298,18 @@ def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool, 
 
 
 # ----------------------------------------------------------------------------------------- data
-def _tokenizer_pad(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
 def prepare_data(cfg: TrainConfig, tokenizer: Any, vocab_size: int) -> tuple[tdata.Packed, tdata.Packed | None]:
     if tokenizer is None:
         raise ValueError("the model has no tokenizer; training needs one (pass --tokenizer DIR)")
     if cfg.data == "builtin":
         examples = tdata.builtin_examples(cfg.tasks, cfg.limit_per_task, cfg.seed)
     else:
-        examples = tdata.load_jsonl(cfg.data)
+        examples = qdata.load_instructions(cfg.data)
     if cfg.val_data:
-        train_ex, val_ex = examples, tdata.load_jsonl(cfg.val_data)
+        train_ex, val_ex = examples, qdata.load_instructions(cfg.val_data)
     else:
         train_ex, val_ex = tdata.split_examples(examples, cfg.val_fraction, cfg.seed)
-    pad = _tokenizer_pad(tokenizer)
+    pad = tokenization.pad_id(tokenizer)
     train = tdata.pack((tdata.encode_example(tokenizer, e) for e in train_ex), cfg.seq_len, pad)
     val = tdata.pack((tdata.encode_example(tokenizer, e) for e in val_ex), cfg.seq_len, pad) if val_ex else None
     for p in (train, val):
@@ -339,47 +329,19 @@ def data_fingerprint(train: tdata.Packed, val: tdata.Packed | None) -> str:
 
 
 # ----------------------------------------------------------------------------------- checkpoints
-TEST_PAUSE_ENV = "QEFT_JAX_TEST_PAUSE"
-
-
-def _test_pause(where: str, step: int) -> None:
-    """Test-only fault injection for tests/test_train_kill.py; a no-op unless QEFT_JAX_TEST_PAUSE is set.
-
-    QEFT_JAX_TEST_PAUSE=step:N  stalls right after step N's update is computed (before it is recorded
-                                or saved); save:N stalls inside the orbax save of step N, after the data
-                                is written to the temporary directory and before it is committed (renamed).
-    It announces the stall on stderr and sleeps, so the test can SIGKILL the run at exactly that point."""
-    if os.environ.get(TEST_PAUSE_ENV) == f"{where}:{step}":
-        print(f"{TEST_PAUSE_ENV} {where}:{step}", file=sys.stderr, flush=True)
-        time.sleep(3600)
-
-
-def _pausing_temporary_path_class(ocp: Any) -> Any:
-    """Orbax's atomic-rename temporary path, stalling (see _test_pause) just before a step is committed."""
-
-    class PausingTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
-        async def finalize(self, *args: Any, **kwargs: Any) -> None:
-            name = Path(str(self.get_final())).name
-            if name.isdigit():
-                _test_pause("save", int(name))
-            await super().finalize(*args, **kwargs)
-
-    return PausingTemporaryPath
-
-
 class Checkpoints:
-    """Orbax checkpoints of (trainable leaves, optimizer leaves); atomic, last `keep` kept."""
+    """Orbax checkpoints of (trainable leaves, optimizer leaves); atomic, last `keep` kept.
 
-    def __init__(self, root: Path, keep: int):
-        import orbax.checkpoint as ocp
+    `options`: further `orbax.checkpoint.CheckpointManagerOptions` fields (e.g. a
+    `temporary_path_class`); `train()` builds its checkpoints with this class, looked up when it runs."""
+
+    def __init__(self, root: Path, keep: int, **options: Any):
+        import orbax.checkpoint as ocp  # imported here: orbax is slow to import and only training needs it
 
         self._ocp = ocp
-        extra = {}
-        if os.environ.get(TEST_PAUSE_ENV, "").startswith("save:"):
-            extra["temporary_path_class"] = _pausing_temporary_path_class(ocp)
         self.mngr = ocp.CheckpointManager(root.resolve(), options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True, **extra))  # a save killed midway leaves nothing behind
+            cleanup_tmp_directories=True, **options))  # a save killed midway leaves nothing behind
 
     def latest(self) -> int | None:
         return self.mngr.latest_step()
@@ -412,35 +374,8 @@ def _from_leaf_dict(like: Any, d: dict[str, Any]) -> Any:
     return jax.tree.unflatten(treedef, [jnp.asarray(d[f"{i:06d}"]) for i in range(treedef.num_leaves)])
 
 
-def load_trained_leaves(out: str | Path, step: int | None = None) -> tuple[int, list[np.ndarray]]:
-    """(step, trainable leaves in tree order) of a run's latest (or given) orbax checkpoint."""
-    import orbax.checkpoint as ocp
-
-    mngr = ocp.CheckpointManager((Path(out) / "checkpoints").resolve())
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{out} has no training checkpoint")
-    got = mngr.restore(step, args=ocp.args.StandardRestore())
-    mngr.close()
-    t = got["trainable"]
-    return step, [np.asarray(t[k]) for k in sorted(t)]
-
-
 # ------------------------------------------------------------------------------------- export
-OWN_FILES = ("model.safetensors", "quantization.json", "config.json", "train_config.json", "metrics.jsonl",
-             "train_done.json", "finetune.json", "merge.json", "adapter_model.safetensors",
-             "adapter_config.json")
-
-
-def aux_files(src: Path) -> dict[str, bytes]:
-    """Other files a checkpoint carries (e.g. selection.safetensors, generation_config.json) that an
-    output derived from it keeps; not the tensors/config we rewrite nor a training run's own files."""
-    return {f.name: f.read_bytes() for f in sorted(src.iterdir())
-            if f.is_file() and not f.name.startswith(".") and f.name not in OWN_FILES
-            and not f.name.endswith(".tmp")}
-
-
-def export(out: Path, method: str, model_dir: Path, model: nnx.Module, model_cfg: Any, lora: tuple[int, float],
+def export(out: Path, method: str, info: CheckpointInfo, model: nnx.Module, lora: tuple[int, float],
            meta: dict[str, Any]) -> None:
     """Write the final loadable checkpoint into `out` (files replaced one by one, config.json last).
 
@@ -450,45 +385,27 @@ def export(out: Path, method: str, model_dir: Path, model: nnx.Module, model_cfg
     qlora  the unchanged quantized base + adapter_model.safetensors/adapter_config.json
            (train.lora.load_with_adapters reads it)
     """
-    from qeft_jax.io import SafetensorsReader, tokenizer_files, write_checkpoint
-
     tmp = out / ".export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = {**aux_files(model_dir), **tokenizer_files(model_dir)}
-    if method in ("qeft", "qlora"):
-        from qeft_jax.quant.checkpoint import read_quantized, write_quantized
-
-        info, _, tensors = read_quantized(model_dir, model_cfg)
-        qmeta = {k: v for k, v in info.items() if k not in ("format_version", "sha256")}
-        if method == "qeft":
-            tensors = dict(tensors)
-            for path, var in nnx.to_flat_state(nnx.state(model, trainable_filter("qeft"))):
-                name = ".".join(str(p) for p in path)
-                tensors[name] = np.asarray(var[...], np.float32).astype(tensors[name].dtype)
-            qmeta["finetune"] = meta
-            write_quantized(tmp, model_cfg, tensors, qmeta, tok)
-        else:
-            from train.lora import save_adapters
-
-            for f in ("model.safetensors", "quantization.json", "config.json"):
-                shutil.copyfile(model_dir / f, tmp / f)
-            for n, b in tok.items():
-                (tmp / n).write_bytes(b)
-            save_adapters(tmp, model, rank=lora[0], alpha=lora[1], meta={"finetune": meta})
+    carried = {**aux_files(info.path), **tokenizer_files(info.path)}
+    if method == "qeft":
+        tensors = read_tensors(info)
+        tensors = {**tensors, **trained_tensors(model, TRAINABLE["qeft"], tensors)}
+        write_quantized(tmp, info.config, tensors, {**info.derived_meta(), "finetune": meta}, carried)
+    elif method == "qlora":
+        for f in (TENSORS_FILE, QUANTIZATION_FILE, CONFIG_FILE):
+            shutil.copyfile(info.path / f, tmp / f)
+        for n, b in carried.items():
+            (tmp / n).write_bytes(b)
+        save_adapters(tmp, model, rank=lora[0], alpha=lora[1], meta={"finetune": meta})
     else:
-        from qeft_jax.model import flat_params
-        from train.lora import merged_fp_tensors
-
-        tensors = merged_fp_tensors(model) if method == "lora" else {
-            k: np.asarray(v, np.float32) for k, v in flat_params(model).items()}
-        reader = SafetensorsReader([model_dir / "model.safetensors"])
-        src_dtype = {k: reader.get(k).dtype for k in tensors if k in reader}
-        tensors = {k: v.astype(src_dtype.get(k, np.float32)) for k, v in tensors.items()}
-        write_checkpoint(tmp, model_cfg.to_hf_dict(), tensors, extra_files=tok,
-                         extra_json={"finetune.json": meta})
+        src = read_tensors(info)
+        fp = merged_fp_tensors(model) if method == "lora" else named_variables(model, nnx.Param)
+        tensors = {k: np.asarray(v, np.float32).astype(src[k].dtype) for k, v in fp.items()}  # source dtypes
+        write_fp(tmp, info.config.to_hf_dict(), tensors, extra_files=carried, extra_json={"finetune.json": meta})
     files = sorted(p.name for p in tmp.iterdir())
-    for name in [f for f in files if f != "config.json"] + ["config.json"]:
+    for name in [f for f in files if f != CONFIG_FILE] + [CONFIG_FILE]:
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp / name, out / name)
@@ -519,14 +436,15 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
-          on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[int, dict[str, float]], None] | None = None,
+          after_update: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run (or resume, or find complete) the fine-tune described by `cfg`. Returns a summary.
 
     `tokenizer` overrides the model's own; `on_step(step, metrics)` is called after each step
     (raising KeyboardInterrupt there behaves like Ctrl-C: the state is saved, the run can resume).
+    `after_update(step)` is called as soon as step `step`'s update is computed, before it is
+    checked, recorded or checkpointed (e.g. to interrupt a run at an exact point).
     """
-    from qeft_jax.load import resolve
-
     out = Path(cfg.out)
     if overwrite and out.exists():
         shutil.rmtree(out)
@@ -536,7 +454,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                                               lora_alpha=cfg.lora_alpha, seed=cfg.seed)
     tokenizer = tokenizer if tokenizer is not None else tok
     train_rows, val_rows = prepare_data(cfg, tokenizer, model_cfg.vocab_size)
-    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.method, info["k"])
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.method, info.k)
     steps = cfg.steps or max(1, math.ceil(len(train_rows) * cfg.epochs / cfg.batch_size))
     record = {**dataclasses.asdict(cfg), "model_dir": str(model_dir), "resolved_lr": lr,
               "resolved_steps": steps, "data_sha256": data_fingerprint(train_rows, val_rows),
@@ -604,7 +522,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                                                      batch(weights, 1), batch(segments, 1))
                 loss, gnorm, ok = float(m["loss"]), float(m["grad_norm"]), bool(m["ok"])
                 dt = time.time() - t0
-                _test_pause("step", step + 1)
+                if after_update is not None:
+                    after_update(step + 1)
                 if not ok:
                     ckpt.save(step, trainable, opt_state)  # the state before this step: still good
                     raise NonFiniteLoss(
@@ -636,10 +555,10 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     ckpt.close()
 
     nnx.update(model, jax.tree.map(lambda t, f: jnp.asarray(shd.to_host(t), f.dtype), trainable,
-                                   nnx.state(model, trainable_filter(cfg.method))))
+                                   nnx.state(model, TRAINABLE[cfg.method])))
     meta = {"method": cfg.method, "steps": steps, "lr": lr, "seed": cfg.seed, "data": cfg.data,
             "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "base": str(model_dir)}
-    export(out, cfg.method, model_dir, model, model_cfg, (cfg.lora_rank, cfg.lora_alpha), meta)
+    export(out, cfg.method, info, model, (cfg.lora_rank, cfg.lora_alpha), meta)
     summary = {"step": steps, "method": cfg.method, "final_loss": last_loss, "trainable_params": n_params,
                "optimizer_state_elems": n_opt, "train_rows": len(train_rows), "seconds_this_run":
                round(time.time() - t_run, 2), "out": str(out)}

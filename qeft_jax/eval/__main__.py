@@ -8,20 +8,18 @@ import json
 import time
 
 from qeft_jax.cli import run_cli
+from qeft_jax.data import text_windows
+from qeft_jax.eval import tasks as T
+from qeft_jax.eval.perplexity import perplexity
+from qeft_jax.load import load_model
 
 
 def cmd_perplexity(a: argparse.Namespace) -> None:
-    from qeft_jax import data, load_model
-    from qeft_jax.eval.perplexity import perplexity
-
     model, tok, cfg = load_model(a.model)
-    if tok is None:
-        raise ValueError(f"model {a.model} has no tokenizer files; perplexity needs one to tokenise text")
     if a.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}")
-    texts = data.load_user_texts(a.data) if a.data else data.corpus_texts("eval")
-    ids = data.token_sequences(tok, texts, a.seq_len, a.max_samples, seed=None)
+    ids = text_windows(tok, "eval", a.seq_len, a.max_samples, seed=None, path=a.data)
     t0 = time.time()
     ppl, tokens = perplexity(model, ids, batch_size=a.batch_size)
     source = a.data or "BoolQ Wikipedia passages (eval split)"
@@ -31,9 +29,6 @@ def cmd_perplexity(a: argparse.Namespace) -> None:
 
 
 def cmd_tasks(a: argparse.Namespace) -> None:
-    from qeft_jax import load_model
-    from qeft_jax.eval import tasks as T
-
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
     if not names:
         raise ValueError(f"--tasks is empty; available tasks: {T.available_text()}")
@@ -46,8 +41,6 @@ def cmd_tasks(a: argparse.Namespace) -> None:
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, not {a.batch_size}")
     model, tok, _ = load_model(a.model)
-    if tok is None:
-        raise ValueError(f"model {a.model} has no tokenizer files; task evaluation needs one")
     t0 = time.time()
     results = T.evaluate_tasks(model, tok, names, limit=a.limit, num_fewshot=a.num_fewshot,
                                batch_size=a.batch_size, seed=a.seed, max_length=a.max_length)

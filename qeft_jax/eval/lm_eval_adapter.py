@@ -10,7 +10,8 @@ or pass an instance: `simple_evaluate(model=QeftJaxLM(pretrained=DIR), ...)`.
 loglikelihood uses the same tokenisation and jitted, bucketed scoring as `qeft_jax.eval.tasks`
 (see its docstring); loglikelihood_rolling scores a whole text in windows of max_length tokens,
 each token predicted once with as much preceding context as fits; generate_until decodes greedily
-with `qeft_jax.generate.generate` and cuts the text at the first `until` string.
+with `qeft_jax.generation.generate` (pad and stop ids from `qeft_jax.tokenization`) and cuts the
+text at the first `until` string.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from qeft_jax import tokenization
 from qeft_jax.eval import tasks as T
-from qeft_jax.generate import default_pad_id, default_stop_tokens, generate
+from qeft_jax.generation import completion_text, generate
+from qeft_jax.load import load_model
 
 
 def _as_int(value: Any, name: str, default: int | None) -> int | None:
@@ -49,8 +52,6 @@ class QeftJaxLM(LM):
                  **_ignored: Any) -> None:  # device, max_batch_size, ... from lm-eval's CLI
         super().__init__()
         if model is None:
-            from qeft_jax import load_model
-
             model, loaded_tok, _ = load_model(pretrained)
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
         if tokenizer is None:
@@ -105,8 +106,8 @@ class QeftJaxLM(LM):
         return [(seq[:a], seq[a:a + self.max_length]) for a in range(1, len(seq), self.max_length)]
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        stops = default_stop_tokens(self.model, self.tokenizer)
-        pad = default_pad_id(self.model, self.tokenizer)
+        stops = tokenization.stop_ids(self.tokenizer, self.model.config)
+        pad = tokenization.pad_id(self.tokenizer, self.model.config)
         eos_text = getattr(self.tokenizer, "eos_token", None)
         groups: dict[tuple[int, tuple[str, ...]], list[tuple[int, list[int]]]] = defaultdict(list)
         for i, req in enumerate(requests):
@@ -131,9 +132,7 @@ class QeftJaxLM(LM):
                 rows = generate(self.model, [ids for _, ids in chunk], max_new_tokens=new,
                                 temperature=0.0, stop_tokens=stops, pad_id=pad)
                 for (i, _), row in zip(chunk, rows):
-                    if row and row[-1] in stops:
-                        row = row[:-1]
-                    out[i] = cut_at_strings(self.tokenizer.decode(row, skip_special_tokens=True), until)
+                    out[i] = cut_at_strings(completion_text(self.tokenizer, row, stops), until)
                 bar.update(len(chunk))
         bar.close()
         return out

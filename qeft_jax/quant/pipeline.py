@@ -23,18 +23,19 @@ from safetensors.numpy import load_file, save_file
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from qeft_jax import spec
+from qeft_jax.checkpoint import (STORAGE_DTYPES, TENSORS_FILE, linear_spec, read_info, read_subset,
+                                 tokenizer_files, write_quantized)
 from qeft_jax.config import LlamaConfig
-from qeft_jax.io import (SafetensorsReader, atomic_dir, atomic_file, check_output_dir, tokenizer_files,
-                         write_json_atomic)
-from qeft_jax.params import LINEAR_NAMES, check_tensors_against, expected_shapes
+from qeft_jax.io import SafetensorsReader, atomic_dir, atomic_file, check_output_dir, write_json_atomic
+from qeft_jax.packing import pack_codes
+from qeft_jax.model import embedding_scale
 from qeft_jax.qlinear import QEFTLinear
-from qeft_jax.quant.calibrate import GROUP_OF, CalibrationError, build_layer, run_block
-from qeft_jax.quant.checkpoint import STORAGE_DTYPES, linear_spec, write_quantized
+from qeft_jax.quant.calibrate import CalibrationError, build_layer, run_block
 from qeft_jax.quant.groupwise import rtn, search_group_params
 from qeft_jax.quant.optq import optq
-from qeft_jax.quant.pack import pack_codes
-from qeft_jax.quant.recipes import QuantRecipe
-from qeft_jax.quant.reorder import permute_layer, weak_first_permutation
+from qeft_jax.recipes import QuantRecipe
+from qeft_jax.quant.reorder import weak_first_permutation
 from qeft_jax.quant.select import global_weak_index, owq_sensitivity, top_k
 
 
@@ -79,47 +80,43 @@ def _weak_indices(recipe: QuantRecipe, t: dict[str, np.ndarray], hs: dict[str, n
     """Weak input columns per linear of one (already reordered) block."""
     k = recipe.k
     if recipe.weak == "none":
-        return {name: np.zeros(0, np.int32) for name in LINEAR_NAMES}
+        return {name: np.zeros(0, np.int32) for name in spec.LINEAR_NAMES}
     if recipe.weak == "per_layer":  # OWQ: Eq. (3) per linear
-        return {name: top_k(np.asarray(owq_sensitivity(jnp.asarray(t[name + ".weight"]),
-                                                       jnp.asarray(np.diag(hs[GROUP_OF[name]])), recipe.bits)), k)
-                for name in LINEAR_NAMES}
-    # QEFT: hidden-dim readers use the global index (now the first k channels), down_proj its own
-    # (also first k after the FFN permutation), o_proj its own gathered by index.
+        return {lin.name: top_k(np.asarray(owq_sensitivity(jnp.asarray(t[lin.name + ".weight"]),
+                                                           jnp.asarray(np.diag(hs[lin.reads])), recipe.bits)), k)
+                for lin in spec.LINEARS}
+    # QEFT: after OGR the weak columns of every linear that reads a permuted dimension (the residual
+    # stream: the global index; the FFN dim: the layer's own) are its first k; a linear reading an
+    # unpermuted dimension (o_proj: the heads) keeps its own, gathered by index.
     first = np.arange(k, dtype=np.int32)
-    out = {name: first for name in LINEAR_NAMES}
-    out["self_attn.o_proj"] = top_k(np.diag(hs["o"]), k)
-    return out
+    return {lin.name: first if lin.inp in spec.PERMUTED_DIMS else top_k(np.diag(hs[lin.reads]), k)
+            for lin in spec.LINEARS}
 
 
 def select_global_index(reader: SafetensorsReader, cfg: LlamaConfig, x: np.ndarray, k: int, *,
                         batch_size: int, progress: bool, mesh: Any = None
                         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Pass 1 (fp model): per-layer λ = diag(H) of q/k/v/gate/up inputs, then Algorithm 1.
+    """Pass 1 (fp model): per-layer λ = diag(H) of the residual-stream readers' inputs, then
+    Algorithm 1 (every such linear votes with its input's λ).
 
     Returns the global index and λ per block ('attn_lambda', 'ffn_lambda': [layers, hidden],
     original channel order) for inspection and plots."""
     attn, ffn = [], []
+    voters = [spec.LINEAR[name].reads for name in spec.hidden_readers()]
+    votes = []
     for i in tqdm(range(cfg.num_hidden_layers), desc="selecting weak channels", disable=not progress):
-        layer = build_layer(cfg, _read_layer(reader, cfg, i))
+        layer = build_layer(cfg, i, _read_layer(reader, cfg, i))
         x, stats = run_block(layer, x, cfg, batch_size=batch_size, stats="diag", mesh=mesh)
-        attn.append(stats["attn"])
-        ffn.append(stats["ffn"])
-    votes = [s for a, f in zip(attn, ffn) for s in (a, a, a, f, f)]  # q, k, v, gate, up
+        votes += [stats[r] for r in voters]
+        attn.append(stats[spec.ATTN_IN])
+        ffn.append(stats[spec.FFN_IN])
     return global_weak_index(votes, k), {"attn_lambda": np.stack(attn), "ffn_lambda": np.stack(ffn)}
 
 
 def _read_layer(reader: SafetensorsReader, cfg: LlamaConfig, i: int) -> dict[str, np.ndarray]:
-    prefix = f"model.layers.{i}."
-    t = {k: np.asarray(reader.get(k), np.float32) for k in reader.keys() if k.startswith(prefix)}
-    _check_subset(cfg, t, lambda k: k.startswith(prefix))
+    prefix = spec.layer_prefix(i)
+    t = read_subset(reader, cfg, lambda k: k.startswith(prefix), source="source checkpoint")
     return {k[len(prefix):]: v for k, v in t.items()}
-
-
-def _check_subset(cfg: LlamaConfig, tensors: dict[str, np.ndarray], select: Callable[[str], bool]) -> None:
-    """check_tensors restricted to the names `select` keeps (the model is read one block at a time)."""
-    want = {k: v for k, v in expected_shapes(cfg).items() if select(k)}
-    check_tensors_against(want, tensors, source="source checkpoint")
 
 
 def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np.ndarray, *,
@@ -145,15 +142,18 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
     t0 = time.time()
     out = Path(out)
     check_output_dir(out, overwrite=overwrite)
-    cfg = LlamaConfig.from_json_file(src / "config.json")
+    info = read_info(src)
+    if info.quantized:
+        raise ValueError(f"{src} is already quantized; quantize an fp checkpoint")
+    cfg = info.config
     check_calibration(calib_ids, cfg)
-    for name in LINEAR_NAMES:
+    for name in spec.LINEAR_NAMES:
         linear_spec(cfg, recipe, name)  # raises if k exceeds an input dim
-    reader = SafetensorsReader([src / "model.safetensors"])
-    top = {k: np.asarray(reader.get(k), np.float32) for k in reader.keys() if not k.startswith("model.layers.")}
-    _check_subset(cfg, top, lambda k: not k.startswith("model.layers."))
+    reader = SafetensorsReader([src / TENSORS_FILE])
+    top_names = spec.top_dims(cfg)
+    top = read_subset(reader, cfg, lambda k: k in top_names, source="source checkpoint")
     embed = top["model.embed_tokens.weight"]
-    x0 = embed[calib_ids]
+    x0 = embed[calib_ids] * np.float32(embedding_scale(cfg))
     if not np.all(np.isfinite(x0)):
         raise CalibrationError("embeddings of the calibration tokens contain NaN/Inf")
 
@@ -170,46 +170,43 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
     work.save_global_idx(global_idx)
     perm = weak_first_permutation(global_idx, d) if recipe.weak == "global" else np.arange(d, dtype=np.int32)
 
-    tensors: dict[str, np.ndarray] = {"qeft.hidden_perm": perm}
-    tensors["model.embed_tokens.weight"] = embed[:, perm]
-    tensors["model.norm.weight"] = top["model.norm.weight"][perm]
-    if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = top["lm_head.weight"][:, perm]
+    tensors = spec.permute(top, top_names, {"hidden": perm})
+    tensors[spec.PERM_TENSORS["hidden"]] = perm
     x = x0[..., perm]
     sdt = STORAGE_DTYPES[recipe.storage_dtype]
     block_times = []
     start = 0
     if work.done >= 0:  # resume after the last finished block
         for i in range(work.done + 1):
-            tensors.update({f"model.layers.{i}.{k}" if k != "ffn_perm" else f"qeft.layers.{i}.ffn_perm": v
-                            for k, v in work.load_block(i).items()})
+            tensors.update(work.load_block(i))
         x, start = work.load_activations(), work.done + 1
     bar = tqdm(range(start, cfg.num_hidden_layers), desc=f"quantizing ({recipe.method}, {recipe.bits}-bit)",
                disable=not progress, initial=start, total=cfg.num_hidden_layers)
     for i in bar:
         tb = time.time()
-        t = permute_layer(_read_layer(reader, cfg, i), perm)
-        _, hs = run_block(build_layer(cfg, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh)
+        dims = spec.layer_dims(cfg)
+        t = spec.permute(_read_layer(reader, cfg, i), dims, {"hidden": perm})
+        _, hs = run_block(build_layer(cfg, i, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh)
         ffn_perm = np.arange(cfg.intermediate_size, dtype=np.int32)
         if recipe.weak == "global" and recipe.k:
-            ffn_perm = weak_first_permutation(top_k(np.diag(hs["down"]), recipe.k), cfg.intermediate_size)
-            t = permute_layer(t, np.arange(d), ffn_perm)
-            hs["down"] = hs["down"][ffn_perm][:, ffn_perm]
+            ffn_in = spec.ffn_reader_input()
+            ffn_perm = weak_first_permutation(top_k(np.diag(hs[ffn_in]), recipe.k), cfg.intermediate_size)
+            t = spec.permute(t, dims, {"ffn": ffn_perm})
+            hs[ffn_in] = hs[ffn_in][ffn_perm][:, ffn_perm]
         weak = _weak_indices(recipe, t, hs)
-        replace, packed_layer = {}, {}
-        for name in LINEAR_NAMES:
-            packed = quantize_linear(t[name + ".weight"], hs[GROUP_OF[name]], weak[name], recipe)
-            if name + ".bias" in t:
-                packed["bias"] = t[name + ".bias"].astype(sdt)
-            spec = linear_spec(cfg, recipe, name)
-            replace[name] = QEFTLinear(spec, bias="bias" in packed, storage_dtype=jnp.dtype(recipe.storage_dtype))
-            packed_layer.update({f"{name}.{f}": v for f, v in packed.items()})
-        layer_t = {"input_layernorm.weight": t["input_layernorm.weight"],
-                   "post_attention_layernorm.weight": t["post_attention_layernorm.weight"], **packed_layer}
-        x, _ = run_block(build_layer(cfg, layer_t, replace), x, cfg, batch_size=batch_size, mesh=mesh)
-        tensors.update({f"model.layers.{i}.{k}": v for k, v in layer_t.items()})
-        tensors[f"qeft.layers.{i}.ffn_perm"] = ffn_perm
-        work.finish_block(i, {**layer_t, "ffn_perm": ffn_perm}, x)
+        replace, layer_t = {}, {name: t[name] for name in spec.norm_dims(cfg)}
+        for lin in spec.LINEARS:
+            packed = quantize_linear(t[lin.name + ".weight"], hs[lin.reads], weak[lin.name], recipe)
+            if lin.name + ".bias" in t:
+                packed["bias"] = t[lin.name + ".bias"].astype(sdt)
+            replace[lin.name] = QEFTLinear(linear_spec(cfg, recipe, lin.name), bias="bias" in packed,
+                                           storage_dtype=jnp.dtype(recipe.storage_dtype))
+            layer_t.update({f"{lin.name}.{f}": v for f, v in packed.items()})
+        x, _ = run_block(build_layer(cfg, i, layer_t, replace), x, cfg, batch_size=batch_size, mesh=mesh)
+        block = {spec.layer_prefix(i) + k: v for k, v in layer_t.items()}
+        block[spec.PERM_TENSORS["ffn"].format(i=i)] = ffn_perm
+        tensors.update(block)
+        work.finish_block(i, block, x)
         block_times.append(time.time() - tb)
         if on_block:
             on_block(i, block_times[-1])

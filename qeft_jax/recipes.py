@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qeft_jax.quant.pack import SUPPORTED_BITS
+from qeft_jax.packing import SUPPORTED_BITS
 
 WEAK_MODES = ("none", "global", "per_layer")
 

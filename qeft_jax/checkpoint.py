@@ -1,0 +1,289 @@
+"""Checkpoints: the one module that reads, validates and writes fp and quantized checkpoints.
+
+A checkpoint is a directory:
+  config.json          Hugging Face config (what transformers reads)
+  model.safetensors    tensors by Hugging Face name, PyTorch layouts
+  tokenizer files      optional (tokenizer.json, tokenizer_config.json, ...)
+  quantization.json    quantized checkpoints only: format_version, recipe, calibration settings,
+                       and the sha256 of model.safetensors
+A quantized model.safetensors holds
+  model.embed_tokens.weight, model.norm.weight, [lm_head.weight]   fp, hidden dim reordered (OGR)
+  model.layers.{i}.{input,post_attention}_layernorm.weight         fp, reordered
+  model.layers.{i}.{linear}.{qweight,scales,zeros,weak,weak_idx[,bias]}   see qeft_jax.packing
+  qeft.hidden_perm, qeft.layers.{i}.ffn_perm   the OGR permutations (qeft_jax.spec.PERM_TENSORS)
+selection.safetensors (QEFT only): attn_lambda / ffn_lambda [layers, hidden], the per-layer
+  sensitivities λ = diag(H) that Algorithm 1 voted with (original channel order; for plots).
+
+`read_info` answers "what is this checkpoint?" (`CheckpointInfo`) for every caller; tensors are
+validated against `qeft_jax.spec` by one validator, `check_tensors`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from qeft_jax import spec
+from qeft_jax.config import LlamaConfig
+from qeft_jax.io import CheckpointError, SafetensorsReader
+from qeft_jax.model import LlamaForCausalLM, abstract_model, named_variables, place_tensors, swap_linears
+from qeft_jax.packing import FORMAT_VERSION, QuantSpec, dequantize
+from qeft_jax.qlinear import QEFTLinear
+from qeft_jax.recipes import QuantRecipe
+
+CONFIG_FILE = "config.json"
+TENSORS_FILE = "model.safetensors"
+QUANTIZATION_FILE = "quantization.json"
+SELECTION_FILE = "selection.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja")
+# Files a derived checkpoint rewrites itself (or a training run's own records): never carried over.
+OWN_FILES = (TENSORS_FILE, QUANTIZATION_FILE, CONFIG_FILE, "train_config.json", "metrics.jsonl",
+             "train_done.json", "finetune.json", "merge.json", "adapter_model.safetensors",
+             "adapter_config.json")
+STORAGE_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+ANY_FLOAT = None   # dtype rule of fp tensors: any floating type, finite
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint directory is, from its small files (no tensor is read)."""
+
+    path: Path
+    config: LlamaConfig
+    recipe: QuantRecipe | None      # None: an fp checkpoint
+    meta: Mapping[str, Any]         # quantization.json (empty for fp)
+
+    @property
+    def quantized(self) -> bool:
+        return self.recipe is not None
+
+    @property
+    def k(self) -> int:
+        return self.recipe.k if self.recipe is not None else 0
+
+    @property
+    def format_version(self) -> int | None:
+        return self.meta.get("format_version")
+
+    def derived_meta(self) -> dict[str, Any]:
+        """quantization.json's settings without what a rewrite recomputes (checksum, version)."""
+        return {k: v for k, v in self.meta.items() if k not in ("format_version", "sha256")}
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_info(path: str | Path) -> CheckpointInfo:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is not a directory (expected a qeft-jax checkpoint "
+                              f"directory or 'default')")
+    if not (path / CONFIG_FILE).is_file() or not (path / TENSORS_FILE).is_file():
+        raise CheckpointError(f"{path} is not a qeft-jax checkpoint: expected {CONFIG_FILE} and "
+                              f"{TENSORS_FILE} (convert Hugging Face models with convert.from_hf)")
+    cfg = LlamaConfig.from_json_file(path / CONFIG_FILE)
+    if not (path / QUANTIZATION_FILE).is_file():
+        return CheckpointInfo(path, cfg, None, {})
+    meta = read_json(path / QUANTIZATION_FILE)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: packed format version {meta.get('format_version')!r}, this "
+                              f"qeft-jax reads version {FORMAT_VERSION}")
+    try:
+        recipe = QuantRecipe(**meta["recipe"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/{QUANTIZATION_FILE} has no valid recipe ({e})") from None
+    return CheckpointInfo(path, cfg, recipe, meta)
+
+
+# ------------------------------------------------------------------------------- the tensors
+def linear_spec(cfg: LlamaConfig, recipe: QuantRecipe, name: str) -> QuantSpec:
+    out, inp = spec.linear_shape(cfg, name)
+    return QuantSpec(bits=recipe.bits, group_size=recipe.group_size or inp, in_features=inp,
+                     out_features=out, k=recipe.k)
+
+
+def expected_tensors(cfg: LlamaConfig, recipe: QuantRecipe | None = None
+                     ) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """name -> (shape, dtype) of every tensor the checkpoint must hold (dtype ANY_FLOAT: an fp tensor).
+    Quantized: every block linear is replaced by its packed fields, plus the OGR permutations."""
+    if recipe is None:
+        return {k: (v, ANY_FLOAT) for k, v in spec.fp_shapes(cfg).items()}
+    sdt = np.dtype(STORAGE_DTYPES[recipe.storage_dtype])
+    field_dtypes = {"qweight": np.uint32, "scales": sdt, "zeros": sdt, "weak": sdt, "weak_idx": np.int32}
+    want: dict[str, tuple[tuple[int, ...], Any]] = {
+        k: (spec.shape(cfg, d), ANY_FLOAT) for k, d in spec.top_dims(cfg).items()}
+    want[spec.PERM_TENSORS["hidden"]] = ((cfg.hidden_size,), np.int32)
+    for i in range(cfg.num_hidden_layers):
+        p = spec.layer_prefix(i)
+        want[spec.PERM_TENSORS["ffn"].format(i=i)] = ((cfg.intermediate_size,), np.int32)
+        for name, dims in spec.norm_dims(cfg).items():
+            want[p + name] = (spec.shape(cfg, dims), ANY_FLOAT)
+        for name in spec.LINEAR_NAMES:
+            qs = linear_spec(cfg, recipe, name)
+            for field, shape in qs.shapes().items():
+                want[p + name + "." + field] = (shape, field_dtypes[field])
+            if spec.has_bias(cfg, name):
+                want[p + name + ".bias"] = ((qs.out_features,), sdt)
+    return want
+
+
+def check_tensors(want: Mapping[str, tuple[tuple[int, ...], Any]], tensors: Mapping[str, np.ndarray], *,
+                  source: str) -> None:
+    """Every wanted tensor present with its shape and dtype; fp tensors floating point and finite."""
+    missing = [k for k in want if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensor(s) the config needs are missing, e.g. "
+                              f"{', '.join(missing[:3])}")
+    for k, (shape, dtype) in want.items():
+        t = tensors[k]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{source}: tensor '{k}' has shape {tuple(t.shape)}, the config "
+                                  f"expects {shape}")
+        if dtype is ANY_FLOAT:
+            if not np.issubdtype(np.dtype(t.dtype), np.floating) and np.dtype(t.dtype).name != "bfloat16":
+                raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected a float type")
+            if not np.all(np.isfinite(np.asarray(t, np.float32))):
+                raise CheckpointError(f"{source}: tensor '{k}' contains NaN or Inf")
+        elif t.dtype != dtype:
+            raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected {np.dtype(dtype)}")
+
+
+def read_subset(reader: SafetensorsReader, cfg: LlamaConfig, select: Callable[[str], bool], *,
+                source: str) -> dict[str, np.ndarray]:
+    """The fp tensors whose names `select` keeps, float32, validated (streaming: one block at a time)."""
+    want = {k: v for k, v in expected_tensors(cfg).items() if select(k)}
+    tensors = {k: np.asarray(reader.get(k), np.float32) for k in want if k in reader}
+    check_tensors(want, tensors, source=source)
+    return tensors
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_tensors(info: CheckpointInfo, *, verify: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint, validated against the config (and the checksum if quantized)."""
+    f = info.path / TENSORS_FILE
+    if info.quantized and verify and sha256_file(f) != info.meta.get("sha256"):
+        raise CheckpointError(f"{f} does not match the checksum in {QUANTIZATION_FILE}: the packed "
+                              f"tensors were modified or corrupted")
+    reader = SafetensorsReader([f])
+    tensors = {k: reader.get(k) for k in reader.keys()}
+    check_tensors(expected_tensors(info.config, info.recipe), tensors, source=str(info.path))
+    return tensors
+
+
+def layer_perms(tensors: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """The OGR permutations layer i's tensors were reordered with ({dim: perm})."""
+    return {"hidden": np.asarray(tensors[spec.PERM_TENSORS["hidden"]], np.int64),
+            "ffn": np.asarray(tensors[spec.PERM_TENSORS["ffn"].format(i=i)], np.int64)}
+
+
+def dense_linear(tensors: Mapping[str, np.ndarray], prefix: str, qs: QuantSpec) -> np.ndarray:
+    """Ŵ [out, in] of one packed linear: dequantized grid with the weak columns put back."""
+    w = np.array(dequantize(jnp.asarray(tensors[prefix + ".qweight"]), jnp.asarray(tensors[prefix + ".scales"]),
+                            jnp.asarray(tensors[prefix + ".zeros"]), bits=qs.bits,
+                            group_size=qs.group_size, n=qs.in_features))
+    w[:, tensors[prefix + ".weak_idx"]] += np.asarray(tensors[prefix + ".weak"], np.float32)
+    return w
+
+
+def dense_tensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
+    """The model as fp tensors in the ORIGINAL channel order (what convert.to_hf writes): a quantized
+    checkpoint is dequantized, its weak columns put back and OGR undone (inverse permutations)."""
+    tensors = read_tensors(info)
+    if not info.quantized:
+        return tensors
+    cfg, recipe = info.config, info.recipe
+    inv = lambda perms: {d: np.argsort(p) for d, p in perms.items()}
+    top = {k: np.asarray(tensors[k], np.float32) for k in spec.top_dims(cfg)}
+    out = spec.permute(top, spec.top_dims(cfg), inv(layer_perms(tensors, 0)))
+    for i in range(cfg.num_hidden_layers):
+        p = spec.layer_prefix(i)
+        layer = {name: np.asarray(tensors[p + name], np.float32) for name in spec.norm_dims(cfg)}
+        for name in spec.LINEAR_NAMES:
+            layer[name + ".weight"] = dense_linear(tensors, p + name, linear_spec(cfg, recipe, name))
+            if p + name + ".bias" in tensors:
+                layer[name + ".bias"] = np.asarray(tensors[p + name + ".bias"], np.float32)
+        layer = spec.permute(layer, spec.layer_dims(cfg), inv(layer_perms(tensors, i)))
+        out.update({p + k: v for k, v in layer.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------- writing
+def write_fp(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+             extra_files: Mapping[str, bytes] | None = None,
+             extra_json: Mapping[str, Any] | None = None) -> None:
+    """config.json + model.safetensors (+ extra files) into an existing (atomic temp) directory."""
+    (out / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / TENSORS_FILE),
+              metadata={"format": "pt"})
+    for name, data in (extra_files or {}).items():
+        (out / name).write_bytes(data)
+    for name, obj in (extra_json or {}).items():
+        (out / name).write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def write_quantized(out: Path, cfg: LlamaConfig, tensors: Mapping[str, np.ndarray],
+                    meta: Mapping[str, Any], extra_files: Mapping[str, bytes]) -> None:
+    """A quantized checkpoint into an (atomic temp) directory; the checksum covers model.safetensors
+    byte for byte."""
+    write_fp(out, cfg.to_hf_dict(), tensors, extra_files=extra_files)
+    record = {"format_version": FORMAT_VERSION, **meta, "sha256": sha256_file(out / TENSORS_FILE)}
+    (out / QUANTIZATION_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+def tokenizer_files(src: Path) -> dict[str, bytes]:
+    """The tokenizer files of a directory (ours or a Hugging Face one)."""
+    return {n: (src / n).read_bytes() for n in TOKENIZER_FILES if (src / n).is_file()}
+
+
+def aux_files(src: Path) -> dict[str, bytes]:
+    """Every other file a checkpoint carries (tokenizer, selection.safetensors, generation_config.json,
+    ...) that an output derived from it keeps; not the tensors/config it rewrites nor a run's records."""
+    return {f.name: f.read_bytes() for f in sorted(src.iterdir())
+            if f.is_file() and not f.name.startswith(".") and f.name not in OWN_FILES
+            and not f.name.endswith(".tmp")}
+
+
+# ----------------------------------------------------------------------------------- models
+def build_model(cfg: LlamaConfig, recipe: QuantRecipe | None, *, dtype: Any = jnp.float32,
+                param_dtype: Any = jnp.float32) -> LlamaForCausalLM:
+    """An unfilled model skeleton: fp, or with every block linear a QEFTLinear for `recipe`."""
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
+    if recipe is not None:
+        sdt = jnp.dtype(recipe.storage_dtype)
+        swap_linears(model, lambda name, _: QEFTLinear(linear_spec(cfg, recipe, name), bias=spec.has_bias(cfg, name),
+                                                       dtype=dtype, storage_dtype=sdt))
+    return model
+
+
+def load_checkpoint(path: str | Path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+                    ) -> tuple[LlamaForCausalLM, CheckpointInfo]:
+    """(model, info) of an fp or quantized checkpoint directory."""
+    info = read_info(path)
+    model = build_model(info.config, info.recipe, dtype=dtype, param_dtype=param_dtype)
+    place_tensors(model, read_tensors(info), source=str(info.path))
+    return model, info
+
+
+def trained_tensors(model: nnx.Module, only: Any, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`model`'s variables selected by `only`, by name, cast to the dtypes of the same names in `like`."""
+    return {k: np.asarray(v, np.float32).astype(like[k].dtype) for k, v in named_variables(model, only).items()}
