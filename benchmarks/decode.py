@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from qeft_jax.cli import comma_list, run_cli
-from qeft_jax.config import LlamaConfig
+from qeft_jax.config import ModelConfig
 from qeft_jax.generation import GenerationStats, benchmark, generate_text
 from qeft_jax.checkpoint import write_fp
 from qeft_jax.load import default_model_dir, load_model
@@ -44,7 +44,7 @@ from qeft_jax.recipes import make_recipe
 PROMPT = "Write a short paragraph about the history of the printing press."
 CALIB_SHAPE = (4, 128)  # random token ids: a speed benchmark needs the packed layout, not quality
 
-LARGE = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+LARGE = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                     num_attention_heads=32, num_key_value_heads=4, head_dim=64,
                     max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5)
 
@@ -66,7 +66,7 @@ def quantize(src: Path, out: Path, recipe, vocab: int) -> None:
           f"optq={recipe.optq}) in {summary['seconds']:.0f} s -> {out}")
 
 
-def random_checkpoint(cfg: LlamaConfig, out: Path, seed: int = 0) -> Path:
+def random_checkpoint(cfg: ModelConfig, out: Path, seed: int = 0) -> Path:
     """An fp16 checkpoint of random weights (N(0, 0.02) matrices, unit norms) for shape-only timing."""
     rng = np.random.default_rng(seed)
     tensors = {}

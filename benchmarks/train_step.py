@@ -39,24 +39,24 @@ def small_fp_model(out: Path) -> Path:
     import jax.numpy as jnp
     from flax import nnx
 
-    from qeft_jax.config import LlamaConfig
+    from qeft_jax.config import ModelConfig
     from qeft_jax.checkpoint import write_fp
-    from qeft_jax.model import LlamaForCausalLM, named_variables
+    from qeft_jax.model import CausalLM, named_variables
 
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+    cfg = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=32)
-    model = LlamaForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    model = CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     out.mkdir(parents=True, exist_ok=True)
     write_fp(out, cfg.to_hf_dict(), {k: np.asarray(v) for k, v in named_variables(model).items()})
     return out
 
 
 def quantize_for_bench(fp: Path, out: Path, k: int, group_size: int) -> Path:
-    from qeft_jax.config import LlamaConfig
+    from qeft_jax.config import ModelConfig
     from qeft_jax.quant.pipeline import quantize_checkpoint
     from qeft_jax.recipes import make_recipe
 
-    cfg = LlamaConfig.from_json_file(fp / "config.json")
+    cfg = ModelConfig.from_json_file(fp / "config.json")
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 128))
     quantize_checkpoint(fp, out, make_recipe("qeft", k=k, group_size=group_size, optq=False), ids,
                         progress=False)

@@ -10,7 +10,8 @@ from qeft_jax.cli import conversion_parser, run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = conversion_parser("python -m convert.from_hf", __doc__, "Hugging Face model directory (config.json + weights)").parse_args(argv)
+    a = conversion_parser("python -m convert.from_hf", __doc__,
+                          "Hugging Face model directory (config.json + weights)").parse_args(argv)
     print(f"wrote {convert(a.source, a.out_dir, overwrite=a.overwrite)}")
 
 

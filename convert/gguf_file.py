@@ -17,7 +17,7 @@ from gguf.quants import dequantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from qeft_jax.config import LlamaConfig
+from qeft_jax.config import ModelConfig
 from qeft_jax.checkpoint import check_tensors, expected_tensors, write_fp
 from qeft_jax.io import CheckpointError, atomic_dir
 from qeft_jax.tokenization import import_transformers
@@ -37,7 +37,7 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return f.contents()
 
 
-def gguf_config(reader: Any) -> LlamaConfig:
+def gguf_config(reader: Any) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"GGUF architecture is {arch!r}; only 'llama' is supported")
@@ -54,7 +54,7 @@ def gguf_config(reader: Any) -> LlamaConfig:
             raise CheckpointError(f"GGUF rope scaling type {scaling_type!r} is not supported")
         rope = {"rope_type": "linear", "factor": float(_field(reader, a + "rope.scaling.factor"))}
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return LlamaConfig.from_hf_dict({
+    return ModelConfig.from_hf_dict({
         "model_type": "llama", "vocab_size": int(vocab), "hidden_size": hidden,
         "intermediate_size": int(_field(reader, a + "feed_forward_length")),
         "num_hidden_layers": int(_field(reader, a + "block_count")), "num_attention_heads": heads,
@@ -87,7 +87,7 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def read_gguf_tensors(reader: Any, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+def read_gguf_tensors(reader: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for t in tqdm(reader.tensors, desc="dequantizing GGUF tensors", unit="tensor"):
         name = hf_name(t.name)

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qeft_jax import families
-from qeft_jax.config import LlamaConfig
+from qeft_jax.config import ModelConfig
 from qeft_jax.checkpoint import check_tensors, expected_tensors, tokenizer_files, write_fp
 from qeft_jax.io import CheckpointError, SafetensorsReader, atomic_dir
 
@@ -46,7 +46,7 @@ def _load_bin(files: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
-def read_hf_tensors(src: Path, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+def read_hf_tensors(src: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """All tensors the model needs, by the names `qeft_jax.spec` gives them, as numpy arrays (the
     family's own layout, e.g. Phi-3's fused linears, is converted by `families.tensors_from_hf`)."""
     want = expected_tensors(cfg)
@@ -73,7 +73,7 @@ def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
     cfg_dict = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else None
     if cfg_dict is None:
         raise CheckpointError(f"no config.json in {src}")
-    cfg = LlamaConfig.from_hf_dict(cfg_dict)
+    cfg = ModelConfig.from_hf_dict(cfg_dict)
     tensors = read_hf_tensors(src, cfg)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_fp(tmp, cfg.to_hf_dict(), tensors, extra_files=tokenizer_files(src))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"LlamaConfig": "qeft_jax.config", "LlamaForCausalLM": "qeft_jax.model",
+_EXPORTS = {"ModelConfig": "qeft_jax.config", "CausalLM": "qeft_jax.model",
             "load_model": "qeft_jax.load"}
 
 __all__ = sorted(_EXPORTS)

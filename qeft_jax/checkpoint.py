@@ -32,9 +32,9 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from qeft_jax import spec
-from qeft_jax.config import LlamaConfig
+from qeft_jax.config import ModelConfig
 from qeft_jax.io import CheckpointError, SafetensorsReader
-from qeft_jax.model import LlamaForCausalLM, abstract_model, named_variables, place_tensors, swap_linears
+from qeft_jax.model import CausalLM, abstract_model, named_variables, place_tensors, swap_linears
 from qeft_jax.packing import FORMAT_VERSION, QuantSpec, dequantize
 from qeft_jax.qlinear import QEFTLinear
 from qeft_jax.recipes import QuantRecipe
@@ -58,7 +58,7 @@ class CheckpointInfo:
     """What a checkpoint directory is, from its small files (no tensor is read)."""
 
     path: Path
-    config: LlamaConfig
+    config: ModelConfig
     recipe: QuantRecipe | None      # None: an fp checkpoint
     meta: Mapping[str, Any]         # quantization.json (empty for fp)
 
@@ -94,7 +94,7 @@ def read_info(path: str | Path) -> CheckpointInfo:
     if not (path / CONFIG_FILE).is_file() or not (path / TENSORS_FILE).is_file():
         raise CheckpointError(f"{path} is not a qeft-jax checkpoint: expected {CONFIG_FILE} and "
                               f"{TENSORS_FILE} (convert Hugging Face models with convert.from_hf)")
-    cfg = LlamaConfig.from_json_file(path / CONFIG_FILE)
+    cfg = ModelConfig.from_json_file(path / CONFIG_FILE)
     if not (path / QUANTIZATION_FILE).is_file():
         return CheckpointInfo(path, cfg, None, {})
     meta = read_json(path / QUANTIZATION_FILE)
@@ -109,13 +109,13 @@ def read_info(path: str | Path) -> CheckpointInfo:
 
 
 # ------------------------------------------------------------------------------- the tensors
-def linear_spec(cfg: LlamaConfig, recipe: QuantRecipe, name: str) -> QuantSpec:
+def linear_spec(cfg: ModelConfig, recipe: QuantRecipe, name: str) -> QuantSpec:
     out, inp = spec.linear_shape(cfg, name)
     return QuantSpec(bits=recipe.bits, group_size=recipe.group_size or inp, in_features=inp,
                      out_features=out, k=recipe.k)
 
 
-def expected_tensors(cfg: LlamaConfig, recipe: QuantRecipe | None = None
+def expected_tensors(cfg: ModelConfig, recipe: QuantRecipe | None = None
                      ) -> dict[str, tuple[tuple[int, ...], Any]]:
     """name -> (shape, dtype) of every tensor the checkpoint must hold (dtype ANY_FLOAT: an fp tensor).
     Quantized: every block linear is replaced by its packed fields, plus the OGR permutations."""
@@ -161,7 +161,7 @@ def check_tensors(want: Mapping[str, tuple[tuple[int, ...], Any]], tensors: Mapp
             raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected {np.dtype(dtype)}")
 
 
-def read_subset(reader: SafetensorsReader, cfg: LlamaConfig, select: Callable[[str], bool], *,
+def read_subset(reader: SafetensorsReader, cfg: ModelConfig, select: Callable[[str], bool], *,
                 source: str) -> dict[str, np.ndarray]:
     """The fp tensors whose names `select` keeps, float32, validated (streaming: one block at a time)."""
     want = {k: v for k, v in expected_tensors(cfg).items() if select(k)}
@@ -241,7 +241,7 @@ def write_fp(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndar
         (out / name).write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def write_quantized(out: Path, cfg: LlamaConfig, tensors: Mapping[str, np.ndarray],
+def write_quantized(out: Path, cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
                     meta: Mapping[str, Any], extra_files: Mapping[str, bytes]) -> None:
     """A quantized checkpoint into an (atomic temp) directory; the checksum covers model.safetensors
     byte for byte."""
@@ -264,8 +264,8 @@ def aux_files(src: Path) -> dict[str, bytes]:
 
 
 # ----------------------------------------------------------------------------------- models
-def build_model(cfg: LlamaConfig, recipe: QuantRecipe | None, *, dtype: Any = jnp.float32,
-                param_dtype: Any = jnp.float32) -> LlamaForCausalLM:
+def build_model(cfg: ModelConfig, recipe: QuantRecipe | None, *, dtype: Any = jnp.float32,
+                param_dtype: Any = jnp.float32) -> CausalLM:
     """An unfilled model skeleton: fp, or with every block linear a QEFTLinear for `recipe`."""
     model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
     if recipe is not None:
@@ -276,7 +276,7 @@ def build_model(cfg: LlamaConfig, recipe: QuantRecipe | None, *, dtype: Any = jn
 
 
 def load_checkpoint(path: str | Path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
-                    ) -> tuple[LlamaForCausalLM, CheckpointInfo]:
+                    ) -> tuple[CausalLM, CheckpointInfo]:
     """(model, info) of an fp or quantized checkpoint directory."""
     info = read_info(path)
     model = build_model(info.config, info.recipe, dtype=dtype, param_dtype=param_dtype)

@@ -1,6 +1,6 @@
 """The model configuration: one frozen dataclass for every supported decoder family.
 
-`LlamaConfig` is read from a Hugging Face `config.json`: the keys every family shares here, the
+`ModelConfig` is read from a Hugging Face `config.json`: the keys every family shares here, the
 family's own through `qeft_jax.families` (one small module per family). Published checkpoints carry
 `rope_theta`/`rope_scaling`; transformers 5 writes a `rope_parameters` dict instead: both are read.
 Architectures the decoder cannot represent (mixture of experts, latent attention, cross-attention,
@@ -41,7 +41,7 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class ModelConfig:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -113,7 +113,7 @@ class LlamaConfig:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         model_type = d.get("model_type")
         family = families.family(model_type)
         if family is None:
@@ -182,7 +182,8 @@ class LlamaConfig:
             eos = eos[0]
         family = families.family(self.model_type)
         return {
-            "architectures": [family.ARCHITECTURE[self.model_type]], "model_type": self.model_type, "hidden_act": "silu",
+            "architectures": [family.ARCHITECTURE[self.model_type]], "model_type": self.model_type,
+            "hidden_act": "silu",
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
@@ -197,7 +198,7 @@ class LlamaConfig:
         }
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "LlamaConfig":
+    def from_json_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"no config.json at {path}")

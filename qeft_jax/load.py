@@ -8,8 +8,8 @@ import jax.numpy as jnp
 
 from convert.default_model import default_model_dir
 from qeft_jax.checkpoint import load_checkpoint, read_info
-from qeft_jax.config import LlamaConfig
-from qeft_jax.model import LlamaForCausalLM
+from qeft_jax.config import ModelConfig
+from qeft_jax.model import CausalLM
 from qeft_jax.tokenization import load_tokenizer
 
 __all__ = ["default_model_dir", "load_model", "resolve"]
@@ -23,7 +23,7 @@ def resolve(path_or_default: str | Path) -> Path:
 
 
 def load_model(path_or_default: str | Path = "default", *, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32) -> tuple[LlamaForCausalLM, Any | None, LlamaConfig]:
+               param_dtype: Any = jnp.float32) -> tuple[CausalLM, Any | None, ModelConfig]:
     """Load a checkpoint (fp or quantized) as an nnx model, its tokenizer (None if absent) and config."""
     model, info = load_checkpoint(resolve(path_or_default), dtype=dtype, param_dtype=param_dtype)
     return model, load_tokenizer(info.path), info.config

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qeft_jax import spec
-from qeft_jax.config import LlamaConfig
+from qeft_jax.config import ModelConfig
 
 
 class Buffer(nnx.Variable):
@@ -77,7 +77,7 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(x.dtype) * h.astype(x.dtype)
 
 
-def embedding_scale(cfg: LlamaConfig) -> float:
+def embedding_scale(cfg: ModelConfig) -> float:
     """What the embeddings are multiplied by before the first block (Gemma: sqrt(hidden))."""
     return math.sqrt(cfg.hidden_size) if cfg.embed_scale else 1.0
 
@@ -90,7 +90,7 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse rope frequencies incl. 'linear' and 'llama3' scaling (float64 math, float32 out)."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
@@ -126,7 +126,7 @@ class LayerCache(NamedTuple):
     v: jax.Array
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any) -> list[LayerCache]:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any) -> list[LayerCache]:
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
             for _ in range(cfg.num_hidden_layers)]
@@ -136,7 +136,7 @@ class Attention(nnx.Module):
     """Grouped-query attention; `window` (None: full) limits each query to the keys within that many
     positions (sliding-window layers)."""
 
-    def __init__(self, cfg: LlamaConfig, *, window: int | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, window: int | None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.cfg = cfg
         self.window = window
         self.dtype = dtype
@@ -190,7 +190,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh GELU (Gemma's GeGLU)."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.hidden_act = cfg.hidden_act
         kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
@@ -207,7 +207,7 @@ class DecoderLayer(nnx.Module):
     too: post_attention_layernorm then normalises the attention output and pre_feedforward_layernorm
     the MLP input; otherwise post_attention_layernorm is the MLP's input norm."""
 
-    def __init__(self, cfg: LlamaConfig, *, layer: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, layer: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.sandwich = cfg.sandwich_norms
         self.self_attn = Attention(cfg, window=cfg.window(layer), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -240,8 +240,8 @@ class DecoderLayer(nnx.Module):
         return x, cache, {spec.ATTN_IN: a_in, spec.O_IN: o_in, spec.FFN_IN: f_in, spec.DOWN_IN: d_in}
 
 
-class LlamaModel(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+class DecoderStack(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, layer=i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -249,15 +249,15 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, offset=cfg.norm_offset)
 
 
-class LlamaForCausalLM(nnx.Module):
+class CausalLM(nnx.Module):
     """`model(input_ids, attention_mask=None) -> logits [B, T, V]`."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         self.config = cfg
         self.dtype = dtype
-        self.model = LlamaModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = DecoderStack(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg)))
@@ -356,10 +356,10 @@ def swap_linears(module: nnx.Module, make: Callable[[str, nnx.Module], nnx.Modul
             setattr(owner, attr, make(name, getattr(owner, attr)))
 
 
-def abstract_model(cfg: LlamaConfig, *, dtype: Any = jnp.float32,
-                   param_dtype: Any = jnp.float32) -> LlamaForCausalLM:
+def abstract_model(cfg: ModelConfig, *, dtype: Any = jnp.float32,
+                   param_dtype: Any = jnp.float32) -> CausalLM:
     """A model with shapes but no parameter values (nnx.eval_shape: no random init, nothing allocated)
     and its buffers computed; fill it with `place_tensors`."""
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype))
+    model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype))
     model.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg)))
     return model

@@ -4,9 +4,10 @@ Every tensor is a Hugging Face name plus the *dimension names* of its axes. A di
 both the shape rule (its size comes from the config, `dim_size`) and the permutation rule:
 offline global reordering (OGR, paper section 3.2) permutes the residual stream `hidden` with one
 model-wide permutation and every layer's `ffn` dimension with its own; `vocab`, `q` (heads x
-head_dim), `kv` and `head` (one head's dim: Qwen3's q/k norms) are never permuted. So "which side of a linear a permutation touches" is read
-off its dims: q_proj is (q, hidden), a permutation of `hidden` reorders its input columns; o_proj
-is (hidden, q), the same permutation reorders its output rows.
+head_dim), `kv` and `head` (one head's dim: Qwen3's q/k norms) are never permuted. So "which side
+of a linear a permutation touches" is read off its dims: q_proj is (q, hidden), a permutation of
+`hidden` reorders its input columns; o_proj is (hidden, q), the same permutation reorders its
+output rows. Tensors only some families have name the config flag they need (`when`).
 
 OGR, its inverse for `convert.to_hf`, QEFT merging (channel maps), the checkpoint validator and
 calibration (which activations each linear reads) all read this table. Adding a tensor is one line.
@@ -18,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from qeft_jax.config import LlamaConfig
+from qeft_jax.config import ModelConfig
 
 LAYER_PREFIX = "model.layers.{i}."
 PERMUTED_DIMS = ("hidden", "ffn")   # OGR permutes these; the others are fixed by vocab or heads
@@ -83,22 +84,22 @@ LINEAR_NAMES = tuple(lin.name for lin in LINEARS)
 LINEAR = {lin.name: lin for lin in LINEARS}
 
 
-def dim_size(cfg: LlamaConfig, dim: str) -> int:
+def dim_size(cfg: ModelConfig, dim: str) -> int:
     return {"vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "ffn": cfg.intermediate_size,
             "q": cfg.num_attention_heads * cfg.head_dim, "kv": cfg.num_key_value_heads * cfg.head_dim,
             "head": cfg.head_dim}[dim]
 
 
-def shape(cfg: LlamaConfig, dims: tuple[str, ...]) -> tuple[int, ...]:
+def shape(cfg: ModelConfig, dims: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(dim_size(cfg, d) for d in dims)
 
 
-def linear_shape(cfg: LlamaConfig, name: str) -> tuple[int, int]:
+def linear_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
     """[out, in] of a block linear."""
     return shape(cfg, LINEAR[name].dims)  # type: ignore[return-value]
 
 
-def has_bias(cfg: LlamaConfig, name: str) -> bool:
+def has_bias(cfg: ModelConfig, name: str) -> bool:
     return bool(getattr(cfg, LINEAR[name].bias))
 
 
@@ -112,22 +113,22 @@ def layer_of(name: str) -> int | None:
     return int(name[len(head):].split(".")[0]) if name.startswith(head) else None
 
 
-def present(cfg: LlamaConfig, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+def present(cfg: ModelConfig, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """The tensors of `tensors` this config's model has."""
     return tuple(t for t in tensors if t.when is None or getattr(cfg, t.when))
 
 
-def top_dims(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+def top_dims(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Top-level (not per-layer) tensor name -> dims."""
     return {t.name: t.dims for t in present(cfg, TOP_TENSORS)}
 
 
-def norm_dims(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+def norm_dims(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Per-layer norm weights (relative to the layer) -> dims: what stays fp in a quantized layer."""
     return {t.name: t.dims for t in present(cfg, LAYER_NORMS)}
 
 
-def layer_dims(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+def layer_dims(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Per-layer fp tensor name (relative to the layer) -> dims, biases included."""
     out = norm_dims(cfg)
     for lin in LINEARS:
@@ -137,7 +138,7 @@ def layer_dims(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def fp_dims(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+def fp_dims(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Every fp tensor of the model (full names) -> dims."""
     out = top_dims(cfg)
     for i in range(cfg.num_hidden_layers):
@@ -145,7 +146,7 @@ def fp_dims(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def fp_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def fp_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every fp tensor of the model (full names) -> shape: what a checkpoint must hold."""
     return {k: shape(cfg, v) for k, v in fp_dims(cfg).items()}
 
@@ -167,7 +168,7 @@ def permute(tensors: Mapping[str, np.ndarray], dims: Mapping[str, tuple[str, ...
     return out
 
 
-def linear_axis_perms(name: str, perms: Mapping[str, np.ndarray], cfg: LlamaConfig
+def linear_axis_perms(name: str, perms: Mapping[str, np.ndarray], cfg: ModelConfig
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) of one reordered linear: reordered row r / column c is original row rows[r] /
     column cols[c] (identity on dims without a permutation)."""

@@ -70,14 +70,14 @@ def test_to_hf_round_trip_exact(converted, tmp_path):
 
 
 def test_rope_parameters_and_legacy_keys_agree():
-    from qeft_jax.config import LlamaConfig
+    from qeft_jax.config import ModelConfig
 
     base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
                 num_hidden_layers=1, num_attention_heads=2)
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
-    legacy = LlamaConfig.from_hf_dict(base | {"rope_theta": 5e5, "rope_scaling": scaling})
-    new = LlamaConfig.from_hf_dict(base | {"rope_parameters": scaling | {"rope_theta": 5e5}})
+    legacy = ModelConfig.from_hf_dict(base | {"rope_theta": 5e5, "rope_scaling": scaling})
+    new = ModelConfig.from_hf_dict(base | {"rope_parameters": scaling | {"rope_theta": 5e5}})
     assert legacy == new
     assert legacy.rope_scaling.rope_type == "llama3" and legacy.rope_theta == 5e5
 

@@ -338,10 +338,10 @@ def _permuted_logits(ckpt, perm, ffn_perms, ids):
     from safetensors.numpy import load_file
 
     from qeft_jax import spec
-    from qeft_jax.config import LlamaConfig
+    from qeft_jax.config import ModelConfig
     from qeft_jax.model import abstract_model, place_tensors
 
-    cfg = LlamaConfig.from_json_file(ckpt / "config.json")
+    cfg = ModelConfig.from_json_file(ckpt / "config.json")
     t = {k: np.asarray(v, np.float32) for k, v in load_file(ckpt / "model.safetensors").items()}
     model = abstract_model(cfg)
     place_tensors(model, t)

@@ -30,7 +30,7 @@ CHILD = textwrap.dedent(r"""
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
     from flax import nnx
-    from qeft_jax.config import LlamaConfig
+    from qeft_jax.config import ModelConfig
     from qeft_jax.io import SafetensorsReader
     from qeft_jax.model import rope_inv_freq
     from qeft_jax.quant import calibrate
@@ -43,7 +43,7 @@ CHILD = textwrap.dedent(r"""
     res = {"devices": len(jax.devices())}
     mesh = shd.make_mesh()
     res["mesh"] = {k: int(v) for k, v in mesh.shape.items()}
-    cfg = LlamaConfig.from_json_file(src / "config.json")
+    cfg = ModelConfig.from_json_file(src / "config.json")
     layer = build_layer(cfg, 0, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
     x = np.random.default_rng(1).standard_normal((10, 16, cfg.hidden_size)).astype(np.float32)
 
@@ -156,14 +156,14 @@ def test_padding_weights_drop_copies(converted):
     """A batch padded with zero-weighted copies gives the statistics of the unpadded batch."""
     from flax import nnx
 
-    from qeft_jax.config import LlamaConfig
+    from qeft_jax.config import ModelConfig
     from qeft_jax.io import SafetensorsReader
     from qeft_jax.model import rope_inv_freq
     from qeft_jax.quant.calibrate import _run_block, build_layer
     from qeft_jax.quant.pipeline import _read_layer
 
     src = converted["mha_tied"]
-    cfg = LlamaConfig.from_json_file(src / "config.json")
+    cfg = ModelConfig.from_json_file(src / "config.json")
     layer = build_layer(cfg, 1, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 1))
     graphdef, state = nnx.split(layer)
     x = np.random.default_rng(2).standard_normal((3, 8, cfg.hidden_size)).astype(np.float32)
@@ -179,14 +179,14 @@ def test_padding_weights_drop_copies(converted):
 
 
 def test_one_device_mesh_matches_plain(converted):
-    from qeft_jax.config import LlamaConfig
+    from qeft_jax.config import ModelConfig
     from qeft_jax.io import SafetensorsReader
     from qeft_jax.quant.calibrate import build_layer, run_block
     from qeft_jax.quant.pipeline import _read_layer
     from qeft_jax.sharding import make_mesh
 
     src = converted["gqa_untied"]
-    cfg = LlamaConfig.from_json_file(src / "config.json")
+    cfg = ModelConfig.from_json_file(src / "config.json")
     layer = build_layer(cfg, 0, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
     x = np.random.default_rng(3).standard_normal((5, 8, cfg.hidden_size)).astype(np.float32)
     y, h = run_block(layer, x, cfg, batch_size=2, stats="full")

@@ -51,7 +51,7 @@ from qeft_jax import tokenization
 from qeft_jax.checkpoint import (CONFIG_FILE, QUANTIZATION_FILE, TENSORS_FILE, CheckpointInfo, aux_files,
                                  load_checkpoint, read_info, read_tensors, tokenizer_files, trained_tensors,
                                  write_fp, write_quantized)
-from qeft_jax.config import LlamaConfig
+from qeft_jax.config import ModelConfig
 from qeft_jax.io import write_json_atomic
 from qeft_jax.load import resolve
 from qeft_jax.model import named_variables
@@ -167,7 +167,7 @@ def check_method(info: CheckpointInfo, method: str) -> None:
 
 
 def build_model(model_dir: Path, method: str, *, dtype: Any, lora_rank: int, lora_alpha: float,
-                seed: int) -> tuple[nnx.Module, Any, LlamaConfig, CheckpointInfo]:
+                seed: int) -> tuple[nnx.Module, Any, ModelConfig, CheckpointInfo]:
     """(model, tokenizer, config, checkpoint info) for a method: the checkpoint loaded, with LoRA
     adapters for lora/qlora."""
     check_method(read_info(model_dir), method)

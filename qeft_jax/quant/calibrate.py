@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from qeft_jax import sharding as shd
-from qeft_jax.config import LlamaConfig
+from qeft_jax.config import ModelConfig
 from qeft_jax.model import DecoderLayer, place_tensors, rope_inv_freq, swap_linears
 
 
@@ -27,7 +27,7 @@ class CalibrationError(ValueError):
     """Calibration data or activations that cannot produce a valid quantization."""
 
 
-def build_layer(cfg: LlamaConfig, i: int, tensors: Mapping[str, np.ndarray],
+def build_layer(cfg: ModelConfig, i: int, tensors: Mapping[str, np.ndarray],
                 replace: Mapping[str, nnx.Module] | None = None) -> DecoderLayer:
     """Decoder layer `i` holding `tensors` (names relative to the layer); `replace` swaps linears."""
     layer = nnx.eval_shape(lambda: DecoderLayer(cfg, layer=i, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -63,7 +63,7 @@ def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, sta
     return y, out
 
 
-def run_block(layer: DecoderLayer, x: np.ndarray, cfg: LlamaConfig, *, batch_size: int,
+def run_block(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_size: int,
               stats: str = "none", on_batch: Callable[[], None] | None = None, mesh: Any = None
               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Push all calibration activations x [N, T, D] through one block in batches.
@@ -99,7 +99,7 @@ def _finish(x: np.ndarray, ys: list[np.ndarray], acc: dict[str, np.ndarray]
     return y, {k: v / tokens for k, v in acc.items()}
 
 
-def _run_block_sharded(layer: DecoderLayer, x: np.ndarray, cfg: LlamaConfig, *, batch_size: int,
+def _run_block_sharded(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_size: int,
                        stats: str, on_batch: Callable[[], None] | None, mesh: Any
                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """run_block data-parallel over mesh's 'data' axis (weights replicated, Hessians all-reduced)."""

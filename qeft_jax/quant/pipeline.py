@@ -26,7 +26,7 @@ from tqdm import tqdm
 from qeft_jax import spec
 from qeft_jax.checkpoint import (STORAGE_DTYPES, TENSORS_FILE, linear_spec, read_info, read_subset,
                                  tokenizer_files, write_quantized)
-from qeft_jax.config import LlamaConfig
+from qeft_jax.config import ModelConfig
 from qeft_jax.io import SafetensorsReader, atomic_dir, atomic_file, check_output_dir, write_json_atomic
 from qeft_jax.packing import pack_codes
 from qeft_jax.model import embedding_scale
@@ -39,7 +39,7 @@ from qeft_jax.quant.reorder import weak_first_permutation
 from qeft_jax.quant.select import global_weak_index, owq_sensitivity, top_k
 
 
-def check_calibration(ids: np.ndarray, cfg: LlamaConfig) -> None:
+def check_calibration(ids: np.ndarray, cfg: ModelConfig) -> None:
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise CalibrationError(f"calibration data must be [samples >= 1, seq_len >= 2] token ids, got "
                                f"shape {ids.shape}")
@@ -93,7 +93,7 @@ def _weak_indices(recipe: QuantRecipe, t: dict[str, np.ndarray], hs: dict[str, n
             for lin in spec.LINEARS}
 
 
-def select_global_index(reader: SafetensorsReader, cfg: LlamaConfig, x: np.ndarray, k: int, *,
+def select_global_index(reader: SafetensorsReader, cfg: ModelConfig, x: np.ndarray, k: int, *,
                         batch_size: int, progress: bool, mesh: Any = None
                         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Pass 1 (fp model): per-layer λ = diag(H) of the residual-stream readers' inputs, then
@@ -113,7 +113,7 @@ def select_global_index(reader: SafetensorsReader, cfg: LlamaConfig, x: np.ndarr
     return global_weak_index(votes, k), {"attn_lambda": np.stack(attn), "ffn_lambda": np.stack(ffn)}
 
 
-def _read_layer(reader: SafetensorsReader, cfg: LlamaConfig, i: int) -> dict[str, np.ndarray]:
+def _read_layer(reader: SafetensorsReader, cfg: ModelConfig, i: int) -> dict[str, np.ndarray]:
     prefix = spec.layer_prefix(i)
     t = read_subset(reader, cfg, lambda k: k.startswith(prefix), source="source checkpoint")
     return {k[len(prefix):]: v for k, v in t.items()}
