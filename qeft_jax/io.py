@@ -153,6 +153,14 @@ class SafetensorsReader:
             return h.get_tensor(name)
 
 
+def parse_json(text: str, where: str | Path, error: type[Exception] = ValueError) -> Any:
+    """json.loads, with a failure reported as `error` naming `where` (a file, or file:line)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg})") from None
+
+
 def parse_jsonl(text: str, source: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; a line that is not a JSON object is an error
     naming the file and line. Splits on '\n' only (U+2028 may sit inside strings)."""
@@ -160,10 +168,7 @@ def parse_jsonl(text: str, source: str | Path) -> list[tuple[int, dict[str, Any]
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
+        rec = parse_json(line, f"{source}:{lineno}")
         if not isinstance(rec, dict):
             raise ValueError(f"{source}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         records.append((lineno, rec))

@@ -26,6 +26,9 @@ from qeft_jax import spec
 from qeft_jax.config import ModelConfig
 
 
+LOGIT_CHUNK = 256  # positions whose logits exist at once in CausalLM.target_logprobs
+
+
 class Buffer(nnx.Variable):
     """A derived constant (rope frequencies): never trained, never stored in a checkpoint."""
 
@@ -275,11 +278,38 @@ class CausalLM(nnx.Module):
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         return softcap(logits, self.config.final_logit_softcap)
 
-    def forward(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
-                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                cache: list[LayerCache] | None = None, cache_index: jax.Array | int = 0,
-                remat: bool = False) -> tuple[jax.Array, list[LayerCache] | None]:
-        """The one forward loop. With `cache`, keys/values of this chunk are written at `cache_index`
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, list[LayerCache] | None]:
+        """(logits [B, T, V], cache) of `hidden`'s final states (same arguments)."""
+        h, cache = self.hidden(*args, **kwargs)
+        return self.logits(h), cache
+
+    def target_logprobs(self, h: jax.Array, targets: jax.Array, *, chunk: int = LOGIT_CHUNK
+                        ) -> tuple[jax.Array, jax.Array]:
+        """(log p(targets) [B, T] float32, whether each target is the argmax [B, T]) from final
+        states h [B, T, hidden]. Logits exist for `chunk` positions at a time, never as a whole
+        [B, T, vocab] array (with a 49k-128k vocabulary that array and its gradient dominate the
+        memory of training and evaluation), and are recomputed in the backward pass."""
+        b, t, d = h.shape
+        pad = -t % chunk if t > chunk else 0
+        n = (t + pad) // (chunk if t > chunk else t)
+        hc = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, -1, d).swapaxes(0, 1)
+        tc = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, -1).swapaxes(0, 1)
+
+        @jax.checkpoint
+        def one(h_c: jax.Array, t_c: jax.Array) -> tuple[jax.Array, jax.Array]:
+            logits = self.logits(h_c).astype(jnp.float32)
+            picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+            return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == t_c
+
+        logp, greedy = jax.lax.map(lambda xs: one(*xs), (hc, tc))
+        unchunk = lambda a: a.swapaxes(0, 1).reshape(b, -1)[:, :t]
+        return unchunk(logp), unchunk(greedy)
+
+    def hidden(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+               cache: list[LayerCache] | None = None, cache_index: jax.Array | int = 0,
+               remat: bool = False) -> tuple[jax.Array, list[LayerCache] | None]:
+        """The one forward loop, up to the final states [B, T, hidden] (before the final norm). With `cache`, keys/values of this chunk are written at `cache_index`
         and `attention_mask` covers all cache slots [B, S_max]; without, it covers the T inputs. A
         [B, T, S] mask says per query which keys it may see (packed training rows, with their own
         `positions`). `remat` rematerialises each block in the backward pass (training memory).
@@ -310,7 +340,7 @@ class CausalLM(nnx.Module):
             x, c = layer(x, positions, kv_valid, inv_freq, None if cache is None else cache[i], cache_index)
             if new_cache is not None:
                 new_cache.append(c)
-        return self.logits(x), new_cache
+        return x, new_cache
 
 
 def dotted(path: tuple[Any, ...]) -> str:

@@ -219,12 +219,13 @@ def segment_layout(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
     return positions, segments[:, :, None] == segments[:, None, :]
 
 
-def training_logits(model: nnx.Module, tokens: jax.Array, remat: bool, segments: jax.Array | None = None
+def target_logprobs(model: nnx.Module, tokens: jax.Array, remat: bool, segments: jax.Array | None = None
                     ) -> jax.Array:
-    """Logits [B, T, V] of the model's forward (no cache): causal over the row, or, given packed
-    `segments` [B, T], within each example (`segment_layout`)."""
+    """log p(next token) [B, T-1] under the model's forward (no cache): causal over the row, or,
+    given packed `segments` [B, T], within each example (`segment_layout`)."""
     positions, visible = (None, None) if segments is None else segment_layout(segments)
-    return model.forward(tokens, attention_mask=visible, positions=positions, remat=remat)[0]
+    h, _ = model.hidden(tokens, attention_mask=visible, positions=positions, remat=remat)
+    return model.target_logprobs(h[:, :-1], tokens[:, 1:])[0]
 
 
 def make_optimizer(lr: float, cfg: TrainConfig) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
@@ -267,8 +268,7 @@ def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool, 
 
     def loss_sums(trainable, frozen, tokens, weights, segments=None):
         model = nnx.merge(graphdef, trainable, frozen)
-        logits = training_logits(model, tokens, remat, segments)[:, :-1].astype(jnp.float32)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        nll = -target_logprobs(model, tokens, remat, segments)
         w = weights[:, 1:]
         return jnp.sum(nll * w), jnp.sum(w)
 

@@ -14,9 +14,8 @@ from tqdm import tqdm
 @partial(jax.jit, static_argnames=("graphdef",))
 def _nll_sum(graphdef: Any, state: Any, ids: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    logits = model(ids[:, :-1]).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+    h, _ = model.hidden(ids[:, :-1])
+    return -jnp.sum(model.target_logprobs(h, ids[:, 1:])[0])
 
 
 def perplexity(model: nnx.Module, ids: np.ndarray, *, batch_size: int = 4, progress: bool = True

@@ -271,10 +271,9 @@ def _score_batch(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, tar
     """Per row: sum of log p(target) over scored positions, and whether every scored target is
     the argmax (greedy) prediction."""
     model = nnx.merge(graphdef, state)
-    logits = model(ids, mask).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, axis=-1)
-    greedy = (jnp.argmax(logits, axis=-1) == targets) | ~scored
+    h, _ = model.hidden(ids, attention_mask=mask)
+    logp, greedy = model.target_logprobs(h, targets)
+    greedy = greedy | ~scored
     return jnp.sum(jnp.where(scored, logp, 0.0), axis=-1), jnp.all(greedy, axis=-1)
 
 
