@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from qeft_jax import spec
 from qeft_jax.config import ModelConfig
@@ -103,6 +103,43 @@ def read_info(path: str | Path) -> CheckpointInfo:
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}/{QUANTIZATION_FILE} has no valid recipe ({e})") from None
     return CheckpointInfo(path, cfg, recipe, meta)
+
+
+def read_selection(ckpt_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(attn_lambda [L, D], ffn_lambda [L, D], global_weak_index [k], quantization.json) of a QEFT
+    checkpoint, validated."""
+    d = Path(ckpt_dir)
+    if not d.exists():
+        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+    if not d.is_dir():
+        raise NotADirectoryError(f"{d} is not a directory (expected a quantized checkpoint directory)")
+    qpath = d / QUANTIZATION_FILE
+    if not qpath.is_file():
+        raise FileNotFoundError(f"{d} has no quantization.json: not a quantized checkpoint (make one "
+                                f"with `python -m qeft_jax.quantize --method qeft ...`)")
+    info = read_json(qpath)
+    spath = d / SELECTION_FILE
+    if not spath.is_file():
+        method = (info.get("recipe") or {}).get("method", "unknown")
+        raise FileNotFoundError(
+            f"{d} has no selection.safetensors: it was quantized with method {method!r}, and only "
+            f"qeft checkpoints store the per-layer sensitivities (requantize with --method qeft)")
+    try:
+        sel = load_file(str(spath))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{spath} is not a readable safetensors file: {e}") from None
+    missing = [k for k in ("attn_lambda", "ffn_lambda") if k not in sel]
+    if missing:
+        raise ValueError(f"{spath} lacks {missing} (has {sorted(sel)})")
+    attn = np.asarray(sel["attn_lambda"], np.float64)
+    ffn = np.asarray(sel["ffn_lambda"], np.float64)
+    if attn.ndim != 2 or attn.shape != ffn.shape:
+        raise ValueError(f"{spath}: attn_lambda {attn.shape} and ffn_lambda {ffn.shape} must both be "
+                         f"[layers, hidden]")
+    gidx = np.asarray(info.get("global_weak_index", []), np.int64)
+    if gidx.size and (gidx.min() < 0 or gidx.max() >= attn.shape[1]):
+        raise ValueError(f"{qpath}: global_weak_index has channels outside [0, {attn.shape[1]})")
+    return attn, ffn, gidx, info
 
 
 # ------------------------------------------------------------------------------- the tensors

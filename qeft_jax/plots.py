@@ -29,8 +29,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from safetensors.numpy import load_file
 
+from qeft_jax.checkpoint import read_selection
 from qeft_jax.io import parse_jsonl
 
 METHODS = ("rtn", "gptq", "owq", "qeft")
@@ -90,46 +90,6 @@ def _last_json_object(text: str, source: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ weak channels
-def load_selection(ckpt_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(attn_lambda [L, D], ffn_lambda [L, D], global_weak_index [k], quantization.json) of a QEFT
-    checkpoint, validated."""
-    d = Path(ckpt_dir)
-    if not d.exists():
-        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
-    if not d.is_dir():
-        raise NotADirectoryError(f"{d} is not a directory (expected a quantized checkpoint directory)")
-    qpath = d / "quantization.json"
-    if not qpath.is_file():
-        raise FileNotFoundError(f"{d} has no quantization.json: not a quantized checkpoint (make one "
-                                f"with `python -m qeft_jax.quantize --method qeft ...`)")
-    try:
-        info = json.loads(qpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{qpath} is not valid JSON: {e}") from None
-    spath = d / "selection.safetensors"
-    if not spath.is_file():
-        method = (info.get("recipe") or {}).get("method", "unknown")
-        raise FileNotFoundError(
-            f"{d} has no selection.safetensors: it was quantized with method {method!r}, and only "
-            f"qeft checkpoints store the per-layer sensitivities (requantize with --method qeft)")
-    try:
-        sel = load_file(str(spath))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise ValueError(f"{spath} is not a readable safetensors file: {e}") from None
-    missing = [k for k in ("attn_lambda", "ffn_lambda") if k not in sel]
-    if missing:
-        raise ValueError(f"{spath} lacks {missing} (has {sorted(sel)})")
-    attn = np.asarray(sel["attn_lambda"], np.float64)
-    ffn = np.asarray(sel["ffn_lambda"], np.float64)
-    if attn.ndim != 2 or attn.shape != ffn.shape:
-        raise ValueError(f"{spath}: attn_lambda {attn.shape} and ffn_lambda {ffn.shape} must both be "
-                         f"[layers, hidden]")
-    gidx = np.asarray(info.get("global_weak_index", []), np.int64)
-    if gidx.size and (gidx.min() < 0 or gidx.max() >= attn.shape[1]):
-        raise ValueError(f"{qpath}: global_weak_index has channels outside [0, {attn.shape[1]})")
-    return attn, ffn, gidx, info
-
-
 def _interleave(attn: np.ndarray, ffn: np.ndarray) -> np.ndarray:
     """[2L, D]: rows block0-attn, block0-ffn, block1-attn, ..."""
     rows = np.empty((2 * attn.shape[0], attn.shape[1]), np.float64)
@@ -146,7 +106,7 @@ def _top_rows(lam: np.ndarray, top: int) -> np.ndarray:
 def weak_channel_summary(ckpt_dir: str | Path, top: int = 8) -> dict[str, Any]:
     """How consistent the sensitive channels are across blocks: per-row top-`top` overlap with the
     global index and the channels that are most often in a row's top-`top`."""
-    attn, ffn, gidx, _ = load_selection(ckpt_dir)
+    attn, ffn, gidx, _ = read_selection(ckpt_dir)
     return _summary(_interleave(attn, ffn), gidx, top)
 
 
@@ -165,7 +125,7 @@ def _summary(lam: np.ndarray, gidx: np.ndarray, top: int) -> dict[str, Any]:
 def plot_weak_channels(ckpt_dir: str | Path, top: int = 8, out: str | Path | None = None) -> Figure:
     """Top-`top` channels by λ per block and sublayer (attn: input of q/k/v; ffn: input of gate/up)
     with the global weak index overlaid, above a heatmap of log10(λ / mean λ) per row."""
-    attn, ffn, gidx, info = load_selection(ckpt_dir)
+    attn, ffn, gidx, info = read_selection(ckpt_dir)
     n_layers, d = attn.shape
     if not 1 <= top <= d:
         raise ValueError(f"top must be in [1, {d}], got {top}")
