@@ -4,7 +4,8 @@
 
 "fp" is the default model as shipped: its weights were stored as GGUF Q4_1 (32-blocks) and are
 dequantized to float32 here, so every method re-quantizes an already 4-bit-derived model.
-The final line is JSON: {"fp": ppl, "rtn_4": ppl, "gptq_4": ..., "owq_4": ..., "qeft_4": ..., ...}.
+The final line is JSON: {"fp": ppl, "rtn_4": ppl, "gptq_4": ..., "awq_4": ..., "owq_4": ..., "qeft_4": ...,
+...} (with --bits 3: "rtn_3", "gptq_3", "awq_3", ...).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def main() -> None:
     bit_widths = [int(b) for b in (a.bits or ("4" if a.quick else "4,3")).split(",")]
     configs = []
     for bits in bit_widths:
-        configs += [(m, bits, 16) for m in ("rtn", "gptq", "owq", "qeft")]
+        configs += [(m, bits, 16) for m in ("rtn", "gptq", "awq", "owq", "qeft")]
         if not a.quick:
             configs.append(("qeft", bits, 32))
     del model

@@ -1,6 +1,6 @@
 """python -m qeft_jax.quantize --model default|DIR --method qeft --bits 4 --group-size 128 --k 16 --out DIR
 
-Quantizes an fp checkpoint with one of the paper's methods (rtn | gptq | owq | qeft). The output
+Quantizes an fp checkpoint with one of the paper's methods (rtn | gptq | awq | owq | qeft). The output
 directory is a packed checkpoint that `eval perplexity`, `generate` and `convert.to_hf` accept; its
 quantization.json records the full recipe, calibration settings and timing.
 
@@ -21,7 +21,7 @@ from qeft_jax.data import text_windows
 from qeft_jax.io import check_output_dir
 from qeft_jax.load import resolve
 from qeft_jax.quant.pipeline import quantize_checkpoint
-from qeft_jax.recipes import make_recipe
+from qeft_jax.recipes import METHODS, make_recipe
 from qeft_jax.sharding import make_mesh, maybe_initialize_distributed
 from qeft_jax.tokenization import load_tokenizer
 
@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m qeft_jax.quantize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="'default' or an fp checkpoint directory")
-    p.add_argument("--method", default="qeft", choices=["qeft", "gptq", "rtn", "owq"])
+    p.add_argument("--method", default="qeft", choices=list(METHODS),
+                   help="awq: activation-aware input-channel scales searched on the calibration data and "
+                        "folded into the norms / producing linears, then group-wise RTN")
     p.add_argument("--bits", type=int, default=4, help="2, 3 or 4")
     p.add_argument("--group-size", type=int, default=128,
                    help="columns per quantization group (a partial last group is allowed); "

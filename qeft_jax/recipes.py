@@ -7,6 +7,7 @@ from typing import Any
 from qeft_jax.packing import SUPPORTED_BITS
 
 WEAK_MODES = ("none", "global", "per_layer")
+METHODS = ("rtn", "gptq", "awq", "owq", "qeft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,7 @@ class QuantRecipe:
     grid: int = 100                  # clipping grid points (p = 1 - i/grid)
     max_shrink: float = 0.8
     storage_dtype: str = "float16"   # scales, zeros, weak columns
+    awq_grid: int = 0                # AWQ scale search over α = i / awq_grid, i = 0..awq_grid (0: none)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -35,6 +37,8 @@ class QuantRecipe:
             raise ValueError(f"weak must be one of {WEAK_MODES}, got {self.weak!r}")
         if self.weak == "none" and self.k:
             raise ValueError(f"method {self.method!r} keeps no weak columns; got k={self.k}")
+        if self.awq_grid < 0:
+            raise ValueError(f"awq_grid must be >= 0 (0: no AWQ scale search), got {self.awq_grid}")
         if self.storage_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"storage_dtype must be float16 or bfloat16, got {self.storage_dtype!r}")
 
@@ -44,16 +48,19 @@ class QuantRecipe:
 
 def make_recipe(method: str, *, bits: int = 4, group_size: int | None = 128, k: int = 16,
                 **overrides: Any) -> QuantRecipe:
-    """The four methods of the paper's tables: RTN, GPTQ (OPTQ g128), OWQ (per-channel, per-layer
+    """The methods of the paper's tables: RTN, GPTQ (OPTQ g128), AWQ (activation-aware input-channel
+    scales folded into the model, then RTN g128: `qeft_jax.quant.awq`), OWQ (per-channel, per-layer
     weak columns), QEFT (group-wise, global weak columns + OGR)."""
     if method == "rtn":
         base = dict(weak="none", k=0, optq=False, group_size=group_size)
     elif method == "gptq":
         base = dict(weak="none", k=0, optq=True, group_size=group_size)
+    elif method == "awq":
+        base = dict(weak="none", k=0, optq=False, group_size=group_size, awq_grid=20)
     elif method == "owq":
         base = dict(weak="per_layer", k=k, optq=True, group_size=None)
     elif method == "qeft":
         base = dict(weak="global", k=k, optq=True, group_size=group_size)
     else:
-        raise ValueError(f"unknown method {method!r}; expected one of rtn, gptq, owq, qeft")
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     return QuantRecipe(method=method, bits=bits, **{**base, **overrides})

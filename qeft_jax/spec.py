@@ -9,8 +9,9 @@ of a linear a permutation touches" is read off its dims: q_proj is (q, hidden), 
 `hidden` reorders its input columns; o_proj is (hidden, q), the same permutation reorders its
 output rows. Tensors only some families have name the config flag they need (`when`).
 
-OGR, its inverse for `convert.to_hf`, QEFT merging (channel maps), the checkpoint validator and
-calibration (which activations each linear reads) all read this table. Adding a tensor is one line.
+OGR, its inverse for `convert.to_hf`, QEFT merging (channel maps), the checkpoint validator,
+calibration (which activations each linear reads) and AWQ (which parameter produces each of
+those activations, `PRODUCERS`) all read this table. Adding a tensor is one line.
 """
 from __future__ import annotations
 
@@ -82,6 +83,34 @@ LINEARS = (
 )
 LINEAR_NAMES = tuple(lin.name for lin in LINEARS)
 LINEAR = {lin.name: lin for lin in LINEARS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Producer:
+    """The parameter that writes activation `reads` channel for channel, so that dividing it by a
+    per-channel scale s divides the activation by s (AWQ folds its scales here): an RMSNorm weight
+    (`kind` 'norm', `tensor` its name relative to the layer; with `ModelConfig.norm_offset` the
+    norm applies offset + w) or a block linear's output rows and bias (`kind` 'rows', `tensor` the
+    linear's name). `when` / `unless`: the config flag that must be set / unset for this producer.
+    A 'rows' producer counts only where its output dim has the size of its readers' input dim:
+    then the rows map one to one onto the readers' channels (v_proj -> o_proj without GQA; with
+    GQA, o_proj's channel c comes from v head c // head_dim // groups, a shared row)."""
+
+    reads: str
+    tensor: str
+    kind: str
+    when: str | None = None
+    unless: str | None = None
+
+
+PRODUCER_KINDS = ("norm", "rows")
+PRODUCERS = (
+    Producer(ATTN_IN, "input_layernorm.weight", "norm"),
+    Producer(O_IN, "self_attn.v_proj", "rows"),
+    Producer(FFN_IN, "post_attention_layernorm.weight", "norm", unless="sandwich_norms"),
+    Producer(FFN_IN, "pre_feedforward_layernorm.weight", "norm", when="sandwich_norms"),
+    Producer(DOWN_IN, "mlp.up_proj", "rows"),
+)
 
 
 def dim_size(cfg: ModelConfig, dim: str) -> int:
@@ -187,3 +216,26 @@ def ffn_reader_input() -> str:
     """The activation whose statistics choose a layer's FFN permutation (down_proj's input)."""
     (reads,) = {lin.reads for lin in LINEARS if lin.inp == "ffn"}
     return reads
+
+
+def producers(cfg: ModelConfig) -> dict[str, Producer]:
+    """Activation -> the producer a per-channel scale of it folds into, for this config's model, in
+    block order (`PRODUCERS` filtered by its flags and, for 'rows', by the one-to-one shape rule).
+    An activation that has none (o_proj's input under GQA) is absent."""
+    out: dict[str, Producer] = {}
+    for p in PRODUCERS:
+        if (p.when and not getattr(cfg, p.when)) or (p.unless and getattr(cfg, p.unless)):
+            continue
+        if p.kind == "rows":
+            (inp,) = {lin.inp for lin in LINEARS if lin.reads == p.reads}
+            if dim_size(cfg, LINEAR[p.tensor].out) != dim_size(cfg, inp):
+                continue
+        if p.reads in out:
+            raise ValueError(f"two producers of activation {p.reads!r} for this config")
+        out[p.reads] = p
+    return out
+
+
+def readers(reads: str) -> tuple[str, ...]:
+    """The block linears that read activation `reads` (they share its Hessian and any input scale)."""
+    return tuple(lin.name for lin in LINEARS if lin.reads == reads)

@@ -38,10 +38,15 @@ def build_layer(cfg: ModelConfig, i: int, tensors: Mapping[str, np.ndarray],
     return layer
 
 
-@partial(jax.jit, static_argnames=("graphdef", "stats", "shardings"))
+def absmean_key(activation: str) -> str:
+    """The statistics key of an activation's per-channel mean |x| (run_block(absmean=True))."""
+    return f"{activation}.absmean"
+
+
+@partial(jax.jit, static_argnames=("graphdef", "stats", "shardings", "absmean"))
 def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, stats: str,
-               weights: jax.Array | None = None, shardings: tuple[Any, Any] | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               weights: jax.Array | None = None, shardings: tuple[Any, Any] | None = None,
+               absmean: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """weights [B] (0/1) drop padded sequences from the statistics; shardings = (activations,
     statistics) output shardings under a mesh. Both None: the plain single-device pass."""
     layer = nnx.merge(graphdef, state)
@@ -57,6 +62,8 @@ def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, sta
             out[name] = 2.0 * jnp.sum(vw * v, axis=0)
         elif stats == "full":
             out[name] = 2.0 * jnp.einsum("tn,tm->nm", vw, v, precision=jax.lax.Precision.HIGHEST)
+        if absmean:
+            out[absmean_key(name)] = jnp.sum(jnp.abs(vw), axis=0)
     if shardings is not None:  # y stays split over 'data'; the token sums become an all-reduce
         y = jax.lax.with_sharding_constraint(y, shardings[0])
         out = {k: jax.lax.with_sharding_constraint(v, shardings[1]) for k, v in out.items()}
@@ -64,23 +71,25 @@ def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, sta
 
 
 def run_block(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_size: int,
-              stats: str = "none", on_batch: Callable[[], None] | None = None, mesh: Any = None
-              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+              stats: str = "none", on_batch: Callable[[], None] | None = None, mesh: Any = None,
+              absmean: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Push all calibration activations x [N, T, D] through one block in batches.
 
     stats: 'none' | 'diag' (Σ 2x², for selection) | 'full' (2XᵀX, for OPTQ); averaged per token.
+    absmean: also Σ|x| per channel averaged per token (AWQ's s_x), keyed `absmean_key(activation)`.
     mesh: None (one device) or a jax.sharding.Mesh with a 'data' axis (qeft_jax.sharding.make_mesh):
     then batch_size is the global batch, rounded up to a multiple of the 'data' size, and a final
     partial batch is padded with copies of its own sequences weighted zero in the statistics.
     """
     if mesh is not None:
         return _run_block_sharded(layer, x, cfg, batch_size=batch_size, stats=stats, on_batch=on_batch,
-                                  mesh=mesh)
+                                  mesh=mesh, absmean=absmean)
     graphdef, state = nnx.split(layer)
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     ys, acc = [], {}
     for start in range(0, x.shape[0], batch_size):
-        y, s = _run_block(graphdef, state, jnp.asarray(x[start:start + batch_size]), inv_freq, stats)
+        y, s = _run_block(graphdef, state, jnp.asarray(x[start:start + batch_size]), inv_freq, stats,
+                          absmean=absmean)
         ys.append(np.asarray(y))
         for k, v in s.items():
             acc[k] = v if k not in acc else acc[k] + v
@@ -100,7 +109,7 @@ def _finish(x: np.ndarray, ys: list[np.ndarray], acc: dict[str, np.ndarray]
 
 
 def _run_block_sharded(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_size: int,
-                       stats: str, on_batch: Callable[[], None] | None, mesh: Any
+                       stats: str, on_batch: Callable[[], None] | None, mesh: Any, absmean: bool = False
                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """run_block data-parallel over mesh's 'data' axis (weights replicated, Hessians all-reduced)."""
     n_dev = shd.data_size(mesh)
@@ -119,7 +128,7 @@ def _run_block_sharded(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, 
         if real < batch:  # pad with copies of real sequences (finite), weighted zero
             xb = np.concatenate([xb, xb[np.arange(batch - real) % real]])
         y, s = _run_block(graphdef, state, shd.shard_batch(xb, mesh), inv_freq, stats,
-                          shd.shard_batch(weights, mesh), shardings)
+                          shd.shard_batch(weights, mesh), shardings, absmean)
         ys.append(shd.to_host(y)[:real])
         for k, v in s.items():
             acc[k] = v if k not in acc else acc[k] + v

@@ -1,9 +1,12 @@
-"""The one quantization pipeline (every recipe): select -> reorder -> grid search + OPTQ -> pack.
+"""The one quantization pipeline (every recipe): select -> reorder -> [AWQ scales] -> grid search +
+OPTQ -> pack.
 
 Weights are read block by block from the memory-mapped safetensors, so only one block is resident.
 Pass 1 (global weak columns only) runs the fp model to get each block's Hessian diagonal and picks
 the global index (Algorithm 1). Pass 2 is layer-sequential as in OPTQ: block l is calibrated on the
-outputs of the already-quantized blocks before it.
+outputs of the already-quantized blocks before it. With an AWQ recipe (`awq_grid` > 0), each block's
+input-channel scales are searched on the same pass's statistics and folded into its fp tensors
+before its linears are quantized (`apply_awq`).
 
 `mesh` (qeft_jax.sharding.make_mesh) makes the calibration passes data-parallel; None (default)
 runs them on one device exactly as before.
@@ -24,14 +27,15 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from qeft_jax import spec
-from qeft_jax.checkpoint import (STORAGE_DTYPES, TENSORS_FILE, linear_spec, read_info, read_subset,
+from qeft_jax.checkpoint import (SELECTION_FILE, STORAGE_DTYPES, TENSORS_FILE, linear_spec, read_info, read_subset,
                                  tokenizer_files, write_quantized)
 from qeft_jax.config import ModelConfig
 from qeft_jax.io import SafetensorsReader, atomic_dir, atomic_file, check_output_dir, write_json_atomic
 from qeft_jax.packing import pack_codes
 from qeft_jax.model import embedding_scale
 from qeft_jax.qlinear import QEFTLinear
-from qeft_jax.quant.calibrate import CalibrationError, build_layer, run_block
+from qeft_jax.quant.awq import fold_scales, scale_hessian, search_scale
+from qeft_jax.quant.calibrate import CalibrationError, absmean_key, build_layer, run_block
 from qeft_jax.quant.groupwise import rtn, search_group_params
 from qeft_jax.quant.optq import optq
 from qeft_jax.recipes import QuantRecipe
@@ -73,6 +77,31 @@ def quantize_linear(w: np.ndarray, h: np.ndarray, weak_idx: np.ndarray, recipe: 
     return {"qweight": np.asarray(pack_codes(codes, recipe.bits)),
             "scales": np.asarray(scales).astype(sdt), "zeros": np.asarray(zeros).astype(sdt),
             "weak": np.ascontiguousarray(np.asarray(weak, np.float32).astype(sdt)), "weak_idx": np.asarray(weak_idx, np.int32)}
+
+
+def apply_awq(cfg: ModelConfig, t: dict[str, np.ndarray], hs: dict[str, np.ndarray], recipe: QuantRecipe
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+    """AWQ on one block: fp tensors `t` (names relative to the layer) and the block's calibration
+    statistics `hs` (Hessians and `absmean_key` entries, from the fp block on this block's inputs).
+
+    For every activation that has a producer to fold into (`spec.producers(cfg)`, in block order:
+    q/k/v's input -> input norm, o_proj's input -> v_proj's rows (skipped under GQA, where query
+    heads share a v row, as AutoAWQ does), gate/up's input -> the MLP's input norm, down_proj's input
+    -> up_proj's rows), the scale is searched on the current weights of the linears reading it
+    (`spec.readers`) and folded at once, so later searches see earlier folds (AutoAWQ's order).
+    The Hessians of folded inputs become diag(s)^-1 H diag(s)^-1 (what OPTQ would need).
+
+    Returns (folded tensors, updated statistics, chosen α per activation)."""
+    t, hs, alphas = dict(t), dict(hs), {}
+    for reads in spec.producers(cfg):
+        ws = [t[name + ".weight"] for name in spec.readers(reads)]
+        found = search_scale(ws, hs[reads], hs[absmean_key(reads)], n_grid=recipe.awq_grid, bits=recipe.bits,
+                             group_size=recipe.group_size or ws[0].shape[1], grid=recipe.grid,
+                             max_shrink=recipe.max_shrink, storage_dtype=jnp.dtype(recipe.storage_dtype))
+        t = fold_scales(cfg, t, {reads: found.scale})
+        hs[reads] = scale_hessian(hs[reads], found.scale)
+        alphas[reads] = found.alpha
+    return t, hs, alphas
 
 
 def _weak_indices(recipe: QuantRecipe, t: dict[str, np.ndarray], hs: dict[str, np.ndarray]
@@ -186,7 +215,11 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
         tb = time.time()
         dims = spec.layer_dims(cfg)
         t = spec.permute(_read_layer(reader, cfg, i), dims, {"hidden": perm})
-        _, hs = run_block(build_layer(cfg, i, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh)
+        _, hs = run_block(build_layer(cfg, i, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh,
+                          absmean=recipe.awq_grid > 0)
+        record: dict[str, Any] = {}
+        if recipe.awq_grid:
+            t, hs, record["awq_alpha"] = apply_awq(cfg, t, hs, recipe)
         ffn_perm = np.arange(cfg.intermediate_size, dtype=np.int32)
         if recipe.weak == "global" and recipe.k:
             ffn_in = spec.ffn_reader_input()
@@ -206,7 +239,7 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
         block = {spec.layer_prefix(i) + k: v for k, v in layer_t.items()}
         block[spec.PERM_TENSORS["ffn"].format(i=i)] = ffn_perm
         tensors.update(block)
-        work.finish_block(i, block, x)
+        work.finish_block(i, block, x, record)
         block_times.append(time.time() - tb)
         if on_block:
             on_block(i, block_times[-1])
@@ -214,6 +247,8 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
     summary = {"recipe": recipe.to_dict(), "calibration": {"samples": int(calib_ids.shape[0]),
                "seq_len": int(calib_ids.shape[1])}, "global_weak_index": [int(v) for v in global_idx],
                "source": str(src), "seconds": round(time.time() - t0, 2), **(meta or {})}
+    if recipe.awq_grid:  # the α AWQ chose, per layer and activation
+        summary["awq_alpha"] = [work.records[str(i)]["awq_alpha"] for i in range(cfg.num_hidden_layers)]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_quantized(tmp, cfg, tensors, summary, {**tokenizer_files(src), **work.extra_files()})
     work.clear()
@@ -244,10 +279,12 @@ class ResumeState:
         self.key = key
         self.done = -1
         self.global_idx: np.ndarray | None = None
+        self.records: dict[str, Any] = {}   # per finished block (str(i)): what the summary reports
         state = self._read_state()
         if state and state.get("key") == key:
             self.done = int(state["done"])
             self.global_idx = np.asarray(state["global_idx"], np.int32)
+            self.records = state.get("records", {})
         elif self.dir.exists():
             shutil.rmtree(self.dir)  # another run's leftovers: start over
 
@@ -259,7 +296,8 @@ class ResumeState:
 
     def _write_state(self) -> None:
         write_json_atomic(self.dir / "state.json",
-                          {"key": self.key, "done": self.done, "global_idx": [int(v) for v in self.global_idx]})
+                          {"key": self.key, "done": self.done, "global_idx": [int(v) for v in self.global_idx],
+                           "records": self.records})
 
     def save_global_idx(self, idx: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -269,18 +307,20 @@ class ResumeState:
     def save_selection(self, stats: dict[str, np.ndarray]) -> None:
         """Per-layer sensitivities of pass 1, shipped in the checkpoint as selection.safetensors."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_file(self.dir / "selection.safetensors", lambda p: save_file(
+        atomic_file(self.dir / SELECTION_FILE, lambda p: save_file(
             {k: np.ascontiguousarray(v, np.float32) for k, v in stats.items()}, str(p)))
 
     def extra_files(self) -> dict[str, bytes]:
-        f = self.dir / "selection.safetensors"
+        f = self.dir / SELECTION_FILE
         return {f.name: f.read_bytes()} if f.is_file() else {}
 
-    def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: np.ndarray) -> None:
+    def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: np.ndarray,
+                     record: dict[str, Any] | None = None) -> None:
         atomic_file(self.dir / f"block_{i}.safetensors", lambda p: save_file(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
         atomic_file(self.dir / f"x_{i}.npy", lambda p: _save_npy(p, x))
         self.done = i
+        self.records[str(i)] = record or {}
         self._write_state()
         (self.dir / f"x_{i - 1}.npy").unlink(missing_ok=True)
 
