@@ -32,9 +32,9 @@ from matplotlib.figure import Figure
 
 from qeft_jax.checkpoint import read_selection
 from qeft_jax.io import parse_jsonl
+from qeft_jax.recipes import METHODS
 
-METHODS = ("rtn", "gptq", "owq", "qeft")
-METHOD_COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "owq": "tab:green", "qeft": "tab:red"}
+METHOD_COLORS = {"rtn": "tab:gray", "gptq": "tab:blue", "awq": "tab:orange", "owq": "tab:green", "qeft": "tab:red"}
 LABEL_BOX = dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.75)
 RESULT_KEY = re.compile(r"^(?P<method>[a-z]+)_(?P<bits>\d+)(?:_(?P<variant>\w+))?$")
 KERNEL_ROW_KEY = re.compile(r"^(?P<out>\d+)x(?P<inp>\d+)_M(?P<m>\d+)$")  # a "rows" key of kernel.py's JSON
