@@ -121,7 +121,7 @@ class ModelConfig:
                               f"{', '.join(families.MODEL_TYPES)}")
         for key, what in UNSUPPORTED_KEYS.items():
             if d.get(key):
-                raise ConfigError(f"{model_type} config has '{key}': {what} are not supported")
+                raise ConfigError(f"{model_type} config has '{key}': not supported ({what})")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
         missing = [k for k in required if k not in d]

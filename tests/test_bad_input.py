@@ -118,7 +118,7 @@ def test_bad_input_gguf_of_another_architecture(tmp_path, capsys):
     ({"hidden_size": None}, "missing required key(s): hidden_size"),
     ({"model_type": "gpt_neox"}, "unsupported model_type 'gpt_neox'"),
     ({"model_type": "mixtral", "num_local_experts": 8}, "unsupported model_type 'mixtral'"),
-    ({"num_local_experts": 8}, "mixture-of-experts layers are not supported"),
+    ({"num_local_experts": 8}, "not supported (mixture-of-experts layers)"),
     ({"kv_lora_rank": 512}, "multi-head latent attention"),
     ({"cross_attention_layers": [3, 8]}, "cross-attention layers"),
     ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads"),

@@ -13,12 +13,13 @@ MODEL_TYPES = ("gemma", "gemma2")
 ARCHITECTURE = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 NATIVE_ACT = None          # from_hf checks Gemma's own activation keys
 TIED_BY_DEFAULT = True
-GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu")   # Gemma 1 configs say "gelu" but mean tanh
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+GEMMA1_GELU = "gelu"   # Gemma 1 configs say "gelu" and transformers runs the tanh GELU; Gemma 2 runs exact GELU
 
 
 def from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in GELU_TANH:
+    if act not in GELU_TANH and not (act == GEMMA1_GELU and d["model_type"] == "gemma"):
         raise ValueError(f"unsupported Gemma activation {act!r}; expected the tanh GELU")
     bias = bool(d.get("attention_bias", False))
     out = {"hidden_act": "gelu_tanh", "norm_offset": 1.0, "embed_scale": True, "qkv_bias": bias, "o_bias": bias}
