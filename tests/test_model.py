@@ -25,7 +25,7 @@ def _reference(model, ids):
     return picked, jnp.argmax(logits, axis=-1) == ids[:, 1:]
 
 
-@pytest.mark.parametrize("tied,t,chunk", [(True, 13, 4), (False, 13, 5), (False, 9, 64), (True, 17, 16)])
+@pytest.mark.parametrize("tied,t,chunk", [(True, 13, 5), (False, 9, 64)])
 def test_target_logprobs_match_full_log_softmax(tied, t, chunk):
     model = _model(tied)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 101, (3, t)))
