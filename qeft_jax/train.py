@@ -5,7 +5,7 @@ baselines LoRA (fp model), QLoRA (LoRA on the quantized base, weak columns froze
 fine-tuning. Rerunning the same command with the same --out resumes from the last checkpoint and
 ends with exactly the parameters of an uninterrupted run. The final --out is a loadable checkpoint
 (qeft: quantized, weak columns updated; lora/full: fp, adapters merged; qlora: the quantized base
-plus adapter_model.safetensors, read by train.lora.load_with_adapters). See train/trainer.py.
+plus adapter_model.safetensors, read by qeft_jax.load_model). See train/trainer.py.
 
 --devices N (0 = all) trains data-parallel over N devices with parameters, optimizer state and the
 frozen base sharded FSDP-style (qeft_jax/sharding.py); --micro-batch-size must be a multiple of N.

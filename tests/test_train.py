@@ -290,7 +290,8 @@ def test_nonfinite_loss_stops_and_keeps_state(qdirs, data_file, tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_baselines_change_only_their_params(method, qdirs, data_file, tmp_path):
-    from train.lora import ADAPTER_FILE, load_with_adapters
+    from qeft_jax import load_model
+    from qeft_jax.lora import ADAPTER_FILE, LoRALinear
     from train.trainer import train
 
     fp, q = qdirs
@@ -306,8 +307,11 @@ def test_baselines_change_only_their_params(method, qdirs, data_file, tmp_path):
         ad = SafetensorsReader([out / ADAPTER_FILE])
         bs = [ad.get(k) for k in ad.keys() if k.endswith("lora_B")]
         assert len(bs) == 14 and all(np.abs(b).max() > 0 for b in bs)
-        model, _, _ = load_with_adapters(out)
-        assert bool(jnp.all(jnp.isfinite(model(jnp.zeros((1, 4), jnp.int32)))))
+        model, _, _ = load_model(out)  # the QLoRA output loads with its adapters
+        assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+        ids = jnp.arange(1, 9, dtype=jnp.int32)[None]
+        tuned, base = model(ids), load_model(q)[0](ids)
+        assert bool(jnp.all(jnp.isfinite(tuned))) and float(jnp.max(jnp.abs(tuned - base))) > 1e-4
         assert summary["trainable_params"] == sum(ad.get(k).size for k in ad.keys())
     elif method == "lora":
         assert changed == linears  # adapters merged into the linears only

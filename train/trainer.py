@@ -57,7 +57,7 @@ from qeft_jax.load import resolve
 from qeft_jax.model import named_variables
 from qeft_jax.qlinear import WeakColumns
 from train import data as tdata
-from train.lora import LoraParam, apply_lora, merged_fp_tensors, save_adapters
+from qeft_jax.lora import LoraParam, apply_lora, merged_fp_tensors, save_adapters
 
 METHODS = ("qeft", "qlora", "lora", "full")
 # The variables each method trains (an nnx filter); everything else is frozen.
@@ -383,7 +383,7 @@ def export(out: Path, method: str, info: CheckpointInfo, model: nnx.Module, lora
     full   a plain fp checkpoint (source dtypes)
     lora   a plain fp checkpoint with every adapter merged into its weight
     qlora  the unchanged quantized base + adapter_model.safetensors/adapter_config.json
-           (train.lora.load_with_adapters reads it)
+           (qeft_jax.load_model reads it)
     """
     tmp = out / ".export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -8,8 +8,8 @@ its weak columns frozen). Only `LoraParam` variables are trained.
 Saving: LoRA on an fp model is merged (W += (alpha/r)·B·A) into a plain fp checkpoint. QLoRA cannot
 be merged into the 4-bit grid without requantizing, so its output directory is the unchanged
 quantized base plus `adapter_model.safetensors` (names `model.layers.{i}.{linear}.lora_A|lora_B`,
-in the quantized model's channel order) and `adapter_config.json`; `load_with_adapters` rebuilds
-the tuned model (plain `load_model` on that directory gives the base without adapters).
+in the quantized model's channel order) and `adapter_config.json`; `qeft_jax.load_model` on that
+directory rebuilds the tuned model (`load_adapters`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from qeft_jax.io import SafetensorsReader
-from qeft_jax.load import load_model
 from qeft_jax.model import named_variables, place_tensors, swap_linears
 from qeft_jax.spec import LINEAR_NAMES
 
@@ -118,13 +117,15 @@ def save_adapters(out: Path, model: nnx.Module, *, rank: int, alpha: float, meta
                                                   **meta}, indent=2, sort_keys=True))
 
 
-def load_with_adapters(path: str | Path, **kw: Any) -> tuple[nnx.Module, Any, Any]:
-    """load_model(path) plus the LoRA adapters saved beside it (a QLoRA training output)."""
+def has_adapters(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapters(model: nnx.Module, path: str | Path) -> None:
+    """Wrap `model`'s linears with the LoRA adapters saved in `path` (a QLoRA training output), in place."""
     path = Path(path)
-    model, tok, cfg = load_model(path, **kw)
     conf = json.loads((path / ADAPTER_CONFIG).read_text())
     apply_lora(model, int(conf["rank"]), float(conf["alpha"]), seed=0)
     reader = SafetensorsReader([path / ADAPTER_FILE])
     place_tensors(model, {k: reader.get(k) for k in reader.keys()}, only=LoraParam,
                   source=str(path / ADAPTER_FILE))
-    return model, tok, cfg
