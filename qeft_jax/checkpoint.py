@@ -49,7 +49,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 OWN_FILES = (TENSORS_FILE, QUANTIZATION_FILE, CONFIG_FILE, "train_config.json", "metrics.jsonl",
              "train_done.json", "finetune.json", "merge.json", "adapter_model.safetensors",
              "adapter_config.json")
-STORAGE_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+STORAGE_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 ANY_FLOAT = None   # dtype rule of fp tensors: any floating type, finite
 
 
@@ -156,7 +156,8 @@ def expected_tensors(cfg: ModelConfig, recipe: QuantRecipe | None = None
     if recipe is None:
         return {k: (v, ANY_FLOAT) for k, v in spec.fp_shapes(cfg).items()}
     sdt = np.dtype(STORAGE_DTYPES[recipe.storage_dtype])
-    field_dtypes = {"qweight": np.uint32, "scales": sdt, "zeros": sdt, "weak": sdt, "weak_idx": np.int32}
+    field_dtypes = {"qweight": np.uint32, "scales": sdt, "zeros": sdt, "weak_idx": np.int32,
+                    "weak": np.dtype(STORAGE_DTYPES[recipe.weak_storage])}
     want: dict[str, tuple[tuple[int, ...], Any]] = {
         k: (spec.shape(cfg, d), ANY_FLOAT) for k, d in spec.top_dims(cfg).items()}
     want[spec.PERM_TENSORS["hidden"]] = ((cfg.hidden_size,), np.int32)
@@ -303,9 +304,9 @@ def build_model(cfg: ModelConfig, recipe: QuantRecipe | None, *, dtype: Any = jn
     """An unfilled model skeleton: fp, or with every block linear a QEFTLinear for `recipe`."""
     model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
     if recipe is not None:
-        sdt = jnp.dtype(recipe.storage_dtype)
+        sdt, wdt = jnp.dtype(recipe.storage_dtype), jnp.dtype(recipe.weak_storage)
         swap_linears(model, lambda name, _: QEFTLinear(linear_spec(cfg, recipe, name), bias=spec.has_bias(cfg, name),
-                                                       dtype=dtype, storage_dtype=sdt))
+                                                       dtype=dtype, storage_dtype=sdt, weak_dtype=wdt))
     return model
 
 

@@ -37,7 +37,7 @@ def default_backend() -> str:
 
 class QEFTLinear(nnx.Module):
     def __init__(self, spec: QuantSpec, *, bias: bool, dtype: Any = jnp.float32,
-                 storage_dtype: Any = jnp.float16, backend: str | None = None):
+                 storage_dtype: Any = jnp.float16, weak_dtype: Any = None, backend: str | None = None):
         self.spec = spec
         self.dtype = dtype
         self.backend = backend
@@ -46,7 +46,7 @@ class QEFTLinear(nnx.Module):
         self.scales = QuantState(jnp.ones(shapes["scales"], storage_dtype))
         self.zeros = QuantState(jnp.zeros(shapes["zeros"], storage_dtype))
         self.weak_idx = QuantState(jnp.arange(spec.k, dtype=jnp.int32))
-        self.weak = WeakColumns(jnp.zeros(shapes["weak"], storage_dtype))
+        self.weak = WeakColumns(jnp.zeros(shapes["weak"], weak_dtype or storage_dtype))
         self.bias = QuantState(jnp.zeros((spec.out_features,), storage_dtype)) if bias else None
 
     @property

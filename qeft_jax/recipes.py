@@ -8,6 +8,7 @@ from qeft_jax.packing import SUPPORTED_BITS
 
 WEAK_MODES = ("none", "global", "per_layer")
 METHODS = ("rtn", "gptq", "awq", "owq", "qeft")
+WEAK_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +23,8 @@ class QuantRecipe:
     percdamp: float = 0.01
     grid: int = 100                  # clipping grid points (p = 1 - i/grid)
     max_shrink: float = 0.8
-    storage_dtype: str = "float16"   # scales, zeros, weak columns
+    storage_dtype: str = "float16"   # scales, zeros (and weak columns unless weak_dtype says otherwise)
+    weak_dtype: str | None = None    # weak columns: None = storage_dtype; "float32" keeps a tuned Δ unrounded
     awq_grid: int = 0                # AWQ scale search over α = i / awq_grid, i = 0..awq_grid (0: none)
 
     def __post_init__(self) -> None:
@@ -41,6 +43,13 @@ class QuantRecipe:
             raise ValueError(f"awq_grid must be >= 0 (0: no AWQ scale search), got {self.awq_grid}")
         if self.storage_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"storage_dtype must be float16 or bfloat16, got {self.storage_dtype!r}")
+        if self.weak_dtype not in (None, *WEAK_DTYPES):
+            raise ValueError(f"weak_dtype must be one of {WEAK_DTYPES}, got {self.weak_dtype!r}")
+
+    @property
+    def weak_storage(self) -> str:
+        """The dtype the weak columns are stored in."""
+        return self.weak_dtype or self.storage_dtype
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

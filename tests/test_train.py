@@ -199,6 +199,29 @@ def test_qeft_trains_only_weak_columns(qdirs, qeft_run):
     assert json.loads((out / "train_config.json").read_text())["method"] == "qeft"
 
 
+def test_weak_dtype_float32_keeps_a_small_delta(qdirs, data_file, tmp_path):
+    """At a small LR the tuning delta is below fp16's spacing of the weak values: stored in fp16 it
+    rounds back to the base, stored in float32 (--weak-dtype float32) it survives and loads."""
+    from qeft_jax.checkpoint import read_info
+    from qeft_jax.load import load_model
+    from train.trainer import train
+
+    _, q = qdirs
+    out = tmp_path / "f32"
+    train(cfg_for(q, out, data_file, steps=2, lr=1e-6, weak_dtype="float32"), tokenizer=StubTokenizer(chat=True))
+    before, after = read_tensors(q), read_tensors(out)
+    weak = [k for k in before if k.endswith(".weak")]
+    assert all(after[k].dtype == np.float32 for k in weak) and read_info(out).recipe.weak_dtype == "float32"
+    moved = np.mean([np.mean(after[k] != before[k].astype(np.float32)) for k in weak])
+    kept_in_fp16 = np.mean([np.mean(after[k].astype(np.float16) != before[k]) for k in weak])
+    assert moved > 0.9 and kept_in_fp16 < 0.5 * moved, (moved, kept_in_fp16)
+    model, _, _ = load_model(out)
+    assert model.model.layers[0].mlp.down_proj.weak[...].dtype == jnp.float32
+    for k in before:  # everything but the weak columns is the base, bit for bit
+        if not k.endswith(".weak"):
+            assert np.array_equal(before[k], after[k]), k
+
+
 def test_gradients_and_optimizer_state_only_for_weak_columns(qdirs):
     from qeft_jax.qlinear import WeakColumns
     from train.trainer import TrainConfig, build_model, make_optimizer, split_trainable
@@ -300,6 +323,9 @@ def test_baselines_change_only_their_params(method, qdirs, data_file, tmp_path):
     summary = train(cfg_for(src, out, data_file, steps=2, method=method, lr=1e-3), tokenizer=StubTokenizer(chat=True))
     before, after = read_tensors(src), read_tensors(out)
     assert before.keys() == after.keys()
+    mem = summary["step_memory"]  # the compiled step's arguments hold f32 params + Adam's two moments
+    assert mem["argument_bytes"] >= 12 * summary["trainable_params"] and mem["temp_bytes"] > 0
+    assert summary["step_s_median"] > 0
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     linears = {k for k in before if k.startswith("model.layers.") and "_proj.weight" in k}
     if method == "qlora":

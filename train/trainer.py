@@ -48,16 +48,17 @@ from tqdm import tqdm
 from qeft_jax import data as qdata
 from qeft_jax import sharding as shd
 from qeft_jax import tokenization
-from qeft_jax.checkpoint import (CONFIG_FILE, QUANTIZATION_FILE, TENSORS_FILE, CheckpointInfo, aux_files,
-                                 load_checkpoint, read_info, read_tensors, tokenizer_files, trained_tensors,
-                                 write_fp, write_quantized)
+from qeft_jax.checkpoint import (CONFIG_FILE, QUANTIZATION_FILE, STORAGE_DTYPES, TENSORS_FILE, CheckpointInfo,
+                                 aux_files, load_checkpoint, read_info, read_tensors, tokenizer_files,
+                                 trained_tensors, write_fp, write_quantized)
 from qeft_jax.config import ModelConfig
 from qeft_jax.io import write_json_atomic
 from qeft_jax.load import resolve
+from qeft_jax.lora import LoraParam, apply_lora, merged_fp_tensors, save_adapters
 from qeft_jax.model import named_variables
 from qeft_jax.qlinear import WeakColumns
+from qeft_jax.recipes import WEAK_DTYPES
 from train import data as tdata
-from qeft_jax.lora import LoraParam, apply_lora, merged_fp_tensors, save_adapters
 
 METHODS = ("qeft", "qlora", "lora", "full")
 # The variables each method trains (an nnx filter); everything else is frozen.
@@ -108,6 +109,9 @@ class TrainConfig:
     remat: bool = _opt(False, "rematerialise each decoder block (less memory)", resume=False)
     dtype: str = _opt("auto", "compute dtype: auto (bf16 on GPU, f32 elsewhere)", resume=True,
                       choices=("auto", "float32", "bfloat16"))
+    weak_dtype: str | None = _opt(None, "qeft: the dtype the tuned weak columns are stored in (default: the "
+                                  "checkpoint's; float32 keeps a small tuning delta from rounding away)",
+                                  resume=True, choices=WEAK_DTYPES)
     lora_rank: int = _opt(64, "lora/qlora adapter rank", resume=True)
     lora_alpha: float = _opt(16.0, "lora/qlora adapter alpha", resume=True)
     save_every: int = _opt(200, "checkpoint every this many steps", resume=False)
@@ -255,6 +259,18 @@ def step_fns(graphdef: Any, lr: float, cfg: TrainConfig, mesh: Any = None):
     return _STEP_FNS[key]
 
 
+def compiled_memory(fn: Any, *args: Any) -> dict[str, int] | None:
+    """XLA's memory figures of jitted `fn` compiled for `args` (free once `fn` ran on such args):
+    arguments, outputs, temporaries and the peak they add up to (donated arguments alias outputs)."""
+    stats = fn.lower(*args).compile().memory_analysis()
+    if stats is None:  # not every backend reports it
+        return None
+    m = {"argument_bytes": int(stats.argument_size_in_bytes), "output_bytes": int(stats.output_size_in_bytes),
+         "alias_bytes": int(stats.alias_size_in_bytes), "temp_bytes": int(stats.temp_size_in_bytes)}
+    m["peak_bytes"] = m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
+    return m
+
+
 def make_step_fns(graphdef: Any, tx: optax.GradientTransformation, remat: bool, mesh: Any = None):
     """(train_step, eval_sums), both jitted. train_step takes micro-batches stacked [A, mb, L]:
     tokens, loss weights and (optionally) packed segment ids.
@@ -376,10 +392,11 @@ def _from_leaf_dict(like: Any, d: dict[str, Any]) -> Any:
 
 # ------------------------------------------------------------------------------------- export
 def export(out: Path, method: str, info: CheckpointInfo, model: nnx.Module, lora: tuple[int, float],
-           meta: dict[str, Any]) -> None:
+           meta: dict[str, Any], weak_dtype: str | None = None) -> None:
     """Write the final loadable checkpoint into `out` (files replaced one by one, config.json last).
 
-    qeft   the source quantized checkpoint with its weak columns replaced (write_quantized)
+    qeft   the source quantized checkpoint with its weak columns replaced (write_quantized), stored
+           in `weak_dtype` if given (else the source's)
     full   a plain fp checkpoint (source dtypes)
     lora   a plain fp checkpoint with every adapter merged into its weight
     qlora  the unchanged quantized base + adapter_model.safetensors/adapter_config.json
@@ -391,8 +408,12 @@ def export(out: Path, method: str, info: CheckpointInfo, model: nnx.Module, lora
     carried = {**aux_files(info.path), **tokenizer_files(info.path)}
     if method == "qeft":
         tensors = read_tensors(info)
-        tensors = {**tensors, **trained_tensors(model, TRAINABLE["qeft"], tensors)}
-        write_quantized(tmp, info.config, tensors, {**info.derived_meta(), "finetune": meta}, carried)
+        recipe = dataclasses.replace(info.recipe, weak_dtype=weak_dtype or info.recipe.weak_dtype)
+        like = {k: v.astype(STORAGE_DTYPES[recipe.weak_storage]) if k.endswith(".weak") else v
+                for k, v in tensors.items()}
+        tensors = {**tensors, **trained_tensors(model, TRAINABLE["qeft"], like)}
+        write_quantized(tmp, info.config, tensors,
+                        {**info.derived_meta(), "recipe": recipe.to_dict(), "finetune": meta}, carried)
     elif method == "qlora":
         for f in (TENSORS_FILE, QUANTIZATION_FILE, CONFIG_FILE):
             shutil.copyfile(info.path / f, tmp / f)
@@ -506,6 +527,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                dynamic_ncols=True)
     step = start
     last_loss = float("nan")
+    step_times: list[float] = []
+    step_memory: dict[str, int] | None = None
     t_run = time.time()
     try:
         with open(metrics_path, "a") as mf:
@@ -518,8 +541,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                 weights = weights_all[idx].reshape(shape)
                 segments = train_rows.segments[idx].reshape(shape)
                 t0 = time.time()
-                trainable, opt_state, m = train_step(trainable, opt_state, frozen, batch(tokens, 1),
-                                                     batch(weights, 1), batch(segments, 1))
+                args = (batch(tokens, 1), batch(weights, 1), batch(segments, 1))
+                trainable, opt_state, m = train_step(trainable, opt_state, frozen, *args)
                 loss, gnorm, ok = float(m["loss"]), float(m["grad_norm"]), bool(m["ok"])
                 dt = time.time() - t0
                 if after_update is not None:
@@ -530,6 +553,9 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                         f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}; stopped. "
                         f"The last good state (after step {step}) is saved in {out / 'checkpoints'}; "
                         f"lower the learning rate or check the data, then rerun into a new --out")
+                if step == start:  # the step just run is compiled: reading its memory costs nothing
+                    step_memory = compiled_memory(train_step, trainable, opt_state, frozen, *args)
+                step_times.append(dt)
                 step += 1
                 last_loss = loss
                 rec = {"step": step, "loss": loss, "grad_norm": gnorm, "lr": float(sched(step - 1)),
@@ -554,13 +580,16 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     bar.close()
     ckpt.close()
 
-    nnx.update(model, jax.tree.map(lambda t, f: jnp.asarray(shd.to_host(t), f.dtype), trainable,
-                                   nnx.state(model, TRAINABLE[cfg.method])))
+    # the f32 master copy goes to the exporter as is (export rounds it to the stored dtype once)
+    nnx.update(model, jax.tree.map(lambda t: jnp.asarray(shd.to_host(t), jnp.float32), trainable))
     meta = {"method": cfg.method, "steps": steps, "lr": lr, "seed": cfg.seed, "data": cfg.data,
             "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "base": str(model_dir)}
-    export(out, cfg.method, info, model, (cfg.lora_rank, cfg.lora_alpha), meta)
+    export(out, cfg.method, info, model, (cfg.lora_rank, cfg.lora_alpha), meta, cfg.weak_dtype)
     summary = {"step": steps, "method": cfg.method, "final_loss": last_loss, "trainable_params": n_params,
                "optimizer_state_elems": n_opt, "train_rows": len(train_rows), "seconds_this_run":
-               round(time.time() - t_run, 2), "out": str(out)}
+               round(time.time() - t_run, 2), "out": str(out),
+               # medians over this process's steps, the first (compiling) one excluded where there are more
+               "step_s_median": float(np.median(step_times[1:] or step_times)) if step_times else None,
+               "step_memory": step_memory}
     write_json_atomic(done, summary, indent=2)
     return summary

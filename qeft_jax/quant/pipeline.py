@@ -76,7 +76,8 @@ def quantize_linear(w: np.ndarray, h: np.ndarray, weak_idx: np.ndarray, recipe: 
         weak = w[:, weak_idx]
     return {"qweight": np.asarray(pack_codes(codes, recipe.bits)),
             "scales": np.asarray(scales).astype(sdt), "zeros": np.asarray(zeros).astype(sdt),
-            "weak": np.ascontiguousarray(np.asarray(weak, np.float32).astype(sdt)), "weak_idx": np.asarray(weak_idx, np.int32)}
+            "weak": np.ascontiguousarray(np.asarray(weak, np.float32).astype(STORAGE_DTYPES[recipe.weak_storage])),
+            "weak_idx": np.asarray(weak_idx, np.int32)}
 
 
 def apply_awq(cfg: ModelConfig, t: dict[str, np.ndarray], hs: dict[str, np.ndarray], recipe: QuantRecipe
