@@ -11,13 +11,15 @@ What it does (every stage resumable: rerun the same command after a kill):
 3. sweep: each method at each of its learning rates (--lrs; the paper's LR first) for the same
    steps x batch x seq_len tokens; the best LR of a method is the one with the lowest final
    held-out loss (a split of the data that no run trains on).
-4. timing: with --jobs > 1 the sweep shares the accelerator, so each method's best LR is rerun
-   alone for --time-steps steps (same compiled step, from the persistent compilation cache) to
-   measure step time; with --jobs 1 the sweep's own step times are used.
-5. tasks: zero-shot arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq (--limit questions
+4. tasks: zero-shot arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq (--limit questions
    each) and MMLU 5-shot (--mmlu-limit per subject), before (the untuned base) and after (each
    method's best run), with per-question outcomes; gains carry the paired standard error against
-   the untuned model of the same base.
+   the untuned model of the same base. The qeft runs store their weak columns in float32
+   (--weak-dtype float32); the same runs rounded to fp16 (the default storage) are scored too.
+5. timing: with --jobs > 1 the sweep shares the accelerator, so each method's best LR is rerun
+   alone for --time-steps steps (same compiled step, from the persistent compilation cache when
+   JAX_COMPILATION_CACHE_DIR is set) to measure step time; with --jobs 1 the sweep's own step
+   times are used; --time-steps 0 skips it.
 
 Writes --out (default docs/results/finetune_table.json: settings, sweep, curves, per-question
 outcomes) after every stage, prints markdown tables, and a final JSON line.
@@ -95,6 +97,32 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def eval_curve(metrics: list[dict]) -> list[tuple[int, float]]:
     return [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+
+
+def fp16_copy(src: Path, dst: Path) -> float:
+    """`src` (a qeft run stored with --weak-dtype float32) with its weak columns rounded to float16, as
+    the default export stores them; returns the share of tuned weak entries that round back to the
+    untuned base's value (the part of the tuning that fp16 storage loses)."""
+    import dataclasses  # noqa: PLC0415 - only this stage needs these
+    from qeft_jax.checkpoint import aux_files, read_info, read_tensors, tokenizer_files, write_quantized  # noqa: PLC0415
+    from qeft_jax.io import atomic_dir  # noqa: PLC0415
+
+    info = read_info(src)
+    base = read_tensors(read_info(info.meta["finetune"]["base"]))
+    tensors = dict(read_tensors(info))
+    lost, moved = 0, 0
+    for k in [k for k in tensors if k.endswith(".weak")]:
+        tuned = tensors[k]
+        tensors[k] = tuned.astype(np.float16)
+        changed = tuned != base[k].astype(np.float32)
+        moved += int(changed.sum())
+        lost += int((changed & (tensors[k] == base[k])).sum())
+    if not dst.is_dir():
+        recipe = dataclasses.replace(info.recipe, weak_dtype=None)
+        with atomic_dir(dst) as tmp:
+            write_quantized(tmp, info.config, tensors, {**info.derived_meta(), "recipe": recipe.to_dict()},
+                            {**aux_files(info.path), **tokenizer_files(info.path)})
+    return lost / max(moved, 1)
 
 
 def dir_bytes(path: Path, names: tuple[str, ...]) -> int:
@@ -185,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. sweep
     def train_cmd(m: str, lr: float, run_dir: Path, n_steps: int, every: int) -> list[str]:
-        return py + ["-m", "qeft_jax.train", "--model", str(base_dirs[RUNS[m][0]]), *RUNS[m][1],
+        # qeft runs store their weak columns in float32; stage 5 also scores them rounded to fp16
+        f32 = ["--weak-dtype", "float32"] if m.startswith("qeft") else []
+        return py + ["-m", "qeft_jax.train", "--model", str(base_dirs[RUNS[m][0]]), *RUNS[m][1], *f32,
                      "--data", str(data_file), "--out", str(run_dir), "--steps", str(n_steps),
                      "--batch-size", str(batch), "--micro-batch-size", str(micro), "--seq-len", str(seq_len),
                      "--lr", repr(lr), "--seed", str(a.seed), "--eval-every", str(every),
@@ -207,20 +237,14 @@ def main(argv: list[str] | None = None) -> None:
     record["best_lr"] = {m: b["lr"] for m, b in best.items()}
     save()
 
-    # 4. timing (alone on the accelerator)
-    timing = {}
-    if a.jobs > 1:
-        for m in methods:
-            d = work / "timing" / m
-            if not (d / "train_done.json").is_file():
-                run(f"time_{m}", train_cmd(m, best[m]["lr"], d, a.time_steps, 0), logs)
-            timing[m] = json.loads((d / "train_done.json").read_text())["step_s_median"]
-    else:
-        timing = {m: best[m]["step_s_median"] for m in methods}
-
-    # 5. tasks, before and after
+    # 4. tasks, before and after
     models = {f"base_{b}": base_dirs[b] for b in sorted(need)}
     models.update({f"tuned_{m}": Path(best[m]["dir"]) for m in methods})
+    fp16_lost = {}
+    for m in [m for m in methods if m.startswith("qeft")]:
+        models[f"tuned_{m}_fp16"] = work / "fp16" / m
+        fp16_lost[m] = fp16_copy(Path(best[m]["dir"]), models[f"tuned_{m}_fp16"])
+    record["fp16_weak_share_lost"] = fp16_lost
     evals = work / "evals"
     todo = {}
     for name, path in models.items():
@@ -237,6 +261,17 @@ def main(argv: list[str] | None = None) -> None:
             rec = json.loads((evals / f"{kind}_{name}.json").read_text())
             scores.setdefault(name, {}).update(rec["results"][name])
     record["tasks"] = scores
+
+    # 5. timing (alone on the accelerator; last, so an interrupted run still has its task table)
+    timing = {}
+    if a.jobs > 1 and a.time_steps:
+        for m in methods:
+            d = work / "timing" / m
+            if not (d / "train_done.json").is_file():
+                run(f"time_{m}", train_cmd(m, best[m]["lr"], d, a.time_steps, 0), logs)
+            timing[m] = json.loads((d / "train_done.json").read_text())["step_s_median"]
+    else:
+        timing = {m: best[m]["step_s_median"] for m in methods}
 
     # the table
     task_names = ZERO_SHOT.split(",") + ["mmlu"]
@@ -257,11 +292,16 @@ def main(argv: list[str] | None = None) -> None:
         rows[m] = {"lr": b["lr"], "trainable_params": b["trainable_params"],
                    "base_bytes": dir_bytes(base_dir, ("model.safetensors",)),
                    "eval_loss_before": b["eval_loss_before"], "eval_loss_after": b["eval_loss_after"],
-                   "step_s": timing[m], "step_peak_bytes": (b["step_memory"] or {}).get("peak_bytes"),
+                   "step_s": timing[m], "step_s_alone": a.jobs == 1 or bool(a.time_steps),
+                   "step_peak_bytes": (b["step_memory"] or {}).get("peak_bytes"),
                    "tasks": gains, "mean_gain_pts": float(per_task.mean()),
                    "pooled_gain_pts": 100 * float(diffs.mean()),
                    "pooled_gain_se_pts": 100 * float(diffs.std(ddof=1) / math.sqrt(len(diffs)))}
     record["table"] = rows
+    # item 5: the same tuned weak columns stored in float32 vs rounded to float16
+    record["weak_storage"] = {m: {"share_of_delta_lost_in_fp16": fp16_lost[m], **{
+        t: paired_diff(scores[f"tuned_{m}_fp16"][t]["outcomes"]["acc"], scores[f"tuned_{m}"][t]["outcomes"]["acc"])
+        for t in task_names}} for m in fp16_lost}
     save()
 
     print(f"\nsweep (held-out loss after {steps} steps of {batch} x {seq_len} tokens):")
@@ -278,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
         cells += [f"{100 * g['after']:.1f} ({g['gain_pts']:+.1f}±{g['se_pts']:.1f})" for g in r["tasks"].values()]
         cells += [f"{r['mean_gain_pts']:+.2f}", f"{r['pooled_gain_pts']:+.2f}±{r['pooled_gain_se_pts']:.2f}"]
         print("| " + " | ".join(cells) + " |")
+    for m, w in record["weak_storage"].items():
+        print(f"{m}: float32 vs fp16 weak storage, acc difference (pts ± se): "
+              + ", ".join(f"{t} {d:+.1f}±{e:.1f}" for t, (d, e) in w.items() if t in task_names)
+              + f"; {100 * w['share_of_delta_lost_in_fp16']:.0f}% of the tuned entries round back to the base in fp16")
     print(json.dumps({m: {k: r[k] for k in ("lr", "trainable_params", "eval_loss_after", "step_s",
                                             "step_peak_bytes", "pooled_gain_pts", "pooled_gain_se_pts")}
                       for m, r in rows.items()}))

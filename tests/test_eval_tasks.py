@@ -177,8 +177,13 @@ def test_score_questions_uses_the_reference_argmax(tiny):
         chars = [len(x) - 1 for x in q.continuations]  # without the leading space
         acc.append(int(np.argmax(lps)) == q.gold)
         norm.append(int(np.argmax(np.array(lps) / chars)) == q.gold)
+    logprobs = res.pop("logprobs")
     assert res == {"acc": pytest.approx(np.mean(acc)), "acc_norm": pytest.approx(np.mean(norm)), "n": 3,
                    "outcomes": {"acc": [int(x) for x in acc], "acc_norm": [int(x) for x in norm]}}
+    want = [[reference_logprob(model, word_ids(c), word_ids(x))[0] for c, x in zip(q.contexts, q.continuations)]
+            for q in qs]
+    assert [len(x) for x in logprobs] == [3, 2, 2]
+    np.testing.assert_allclose(np.concatenate(logprobs), np.concatenate(want), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +354,7 @@ def test_mmlu_aggregate_is_the_micro_average(tiny_char, monkeypatch):
         # per-question outcomes: the subtasks' in order, and their mean is the score
         assert res["mmlu"]["outcomes"][k] == a["outcomes"][k] + b["outcomes"][k]
         assert np.mean(res["mmlu"]["outcomes"][k]) == pytest.approx(res["mmlu"][k])
+    assert res["mmlu"]["logprobs"] == a["logprobs"] + b["logprobs"] and len(a["logprobs"]) == 4
     assert "outcomes" not in T.evaluate_tasks(model, tok, ["mmlu_anatomy"], progress=False)["mmlu_anatomy"]
 
 

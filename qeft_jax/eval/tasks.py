@@ -391,14 +391,16 @@ def choice_metrics(logprobs: Sequence[float], continuations: Sequence[str], gold
 def score_questions(model: nnx.Module, tokenizer: Any, questions: Sequence[Question], *,
                     batch_size: int = 8, max_length: int | None = None, progress: bool = False,
                     desc: str = "scoring") -> dict[str, Any]:
-    """{"acc", "acc_norm", "n"} over questions (means; nan when there are none), and "outcomes":
-    {"acc": [...], "acc_norm": [...]}, each question's 0/1 result in order (for paired comparisons)."""
+    """{"acc", "acc_norm", "n"} over questions (means; nan when there are none), "outcomes":
+    {"acc": [...], "acc_norm": [...]}, each question's 0/1 result in order (for paired comparisons),
+    and "logprobs": each question's per-choice log-likelihoods (to see why a metric moved)."""
     reqs = [(c, x) for q in questions for c, x in zip(q.contexts, q.continuations)]
     scores = loglikelihoods(model, tokenizer, reqs, batch_size=batch_size, max_length=max_length,
                             progress=progress, desc=desc)
-    accs, norms, k = [], [], 0
+    accs, norms, per_choice, k = [], [], [], 0
     for q in questions:
         lps = [s for s, _ in scores[k:k + len(q.contexts)]]
+        per_choice.append([round(x, 5) for x in lps])
         k += len(q.contexts)
         a, an = choice_metrics(lps, q.continuations, q.gold)
         accs.append(a)
@@ -406,7 +408,8 @@ def score_questions(model: nnx.Module, tokenizer: Any, questions: Sequence[Quest
     n = len(questions)
     return {"acc": float(np.mean(accs)) if n else math.nan,
             "acc_norm": float(np.mean(norms)) if n else math.nan, "n": n,
-            "outcomes": {"acc": [int(x) for x in accs], "acc_norm": [int(x) for x in norms]}}
+            "outcomes": {"acc": [int(x) for x in accs], "acc_norm": [int(x) for x in norms]},
+            "logprobs": per_choice}
 
 
 def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limit: int | None = None,
@@ -418,7 +421,8 @@ def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limi
     limit: the first `limit` questions of each task (for an aggregate such as "mmlu": of each
     subtask; the aggregate is the micro average, the mean over all its subtasks' questions pooled).
     num_fewshot: solved train examples put before each question (see the module docstring).
-    keep_outcomes: also return "outcomes" per task (see `score_questions`; subtasks concatenated).
+    keep_outcomes: also return "outcomes" and "logprobs" per task (see `score_questions`; subtasks
+    concatenated).
     """
     if tokenizer is None:
         raise ValueError("this checkpoint has no tokenizer files; task evaluation needs them")
@@ -431,17 +435,19 @@ def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limi
     results: dict[str, dict[str, float]] = {}
     for task, subs in plan.items():
         outcomes: dict[str, list[int]] = {"acc": [], "acc_norm": []}
+        logprobs: list[list[float]] = []
         for sub in subs:
             qs = add_fewshot(sub, load_questions(sub, "eval", limit), num_fewshot, seed)
             r = score_questions(model, tokenizer, qs, batch_size=batch_size, max_length=max_length,
                                 progress=progress, desc=sub)
             for m in outcomes:
                 outcomes[m] += r["outcomes"][m]
+            logprobs += r["logprobs"]
         n = len(outcomes["acc"])
         results[task] = {"acc": sum(outcomes["acc"]) / n if n else math.nan,
                          "acc_norm": sum(outcomes["acc_norm"]) / n if n else math.nan, "n": n}
         if keep_outcomes:
-            results[task]["outcomes"] = outcomes
+            results[task].update(outcomes=outcomes, logprobs=logprobs)
     return results
 
 
