@@ -143,20 +143,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="held-out loss every N steps (default steps/10)")
     p.add_argument("--lrs", default="", help="METHOD=LR:LR,... overrides (e.g. qeft_k16=1e-4:1e-3)")
     p.add_argument("--time-steps", type=int, default=30, help="steps of the timing reruns (--jobs > 1)")
-    p.add_argument("--limit", type=int, default=None, help="questions per zero-shot task (default 2000; quick 8)")
-    p.add_argument("--mmlu-limit", type=int, default=None, help="MMLU questions per subject (default 10; quick 1)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="questions per zero-shot task (default 2000; quick 8; 0: all)")
+    p.add_argument("--mmlu-limit", type=int, default=None,
+                   help="MMLU questions per subject (default 10; quick 2, anatomy only)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--calib-samples", type=int, default=None, help="default 128 x 2048 tokens; quick 8 x 256")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", default=None, help="only print the tables of a finished results file")
     a = p.parse_args(argv)
+    if a.report:
+        report(json.loads(Path(a.report).read_text()))
+        return
     q = a.quick
     steps = a.steps or (3 if q else 300)
     batch = a.batch_size or (2 if q else 16)
     micro = a.micro_batch_size or batch
     seq_len = a.seq_len or (128 if q else 512)
     eval_every = a.eval_every or max(1, steps // 10)
-    limit = a.limit or (8 if q else 2000)
-    mmlu_limit = a.mmlu_limit or (1 if q else 10)
+    limit = (8 if q else 2000) if a.limit is None else (a.limit or None)  # 0: every question
+    mmlu_limit = a.mmlu_limit or (2 if q else 10)
+    mmlu = "mmlu_anatomy" if q else "mmlu"  # quick: one subject (57 subjects of 5-shot prompts are slow)
     calib = ["--calib-samples", str(a.calib_samples or (8 if q else 128)), "--seq-len", "256" if q else "2048"]
     suffix = "_quick" if q else ""
     work = Path(a.work or ROOT / ".cache" / f"finetune_table{suffix}")
@@ -176,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         lrs = {m: v[:2] for m, v in lrs.items()}
     settings = {"steps": steps, "batch_size": batch, "micro_batch_size": micro, "seq_len": seq_len,
                 "tokens_per_run": steps * batch * seq_len, "eval_every": eval_every, "lrs": lrs,
-                "limit": limit, "mmlu_limit": mmlu_limit, "mmlu_fewshot": 5, "calib": calib, "seed": a.seed,
-                "quick": q}
+                "limit": limit, "mmlu": mmlu, "mmlu_limit": mmlu_limit, "mmlu_fewshot": 5, "calib": calib,
+                "seed": a.seed, "quick": q}
     record = json.loads(out.read_text()) if out.is_file() else {}
     if record.get("settings", settings) != settings:
         raise SystemExit(f"error: {out} holds results for other settings ({record['settings']}); use another --out")
@@ -248,18 +255,19 @@ def main(argv: list[str] | None = None) -> None:
     evals = work / "evals"
     todo = {}
     for name, path in models.items():
-        for kind, tasks, lim, shots in (("zs", ZERO_SHOT, limit, 0), ("mmlu", "mmlu", mmlu_limit, 5)):
+        for kind, tasks, lim, shots in (("zs", ZERO_SHOT, limit, 0), ("mmlu", mmlu, mmlu_limit, 5)):
             todo[f"eval_{kind}_{name}"] = py + [
                 str(ROOT / "benchmarks" / "task_table.py"), "--models", f"{name}={path}", "--tasks", tasks,
-                "--limit", str(lim), "--num-fewshot", str(shots), "--batch-size", str(a.eval_batch_size),
-                "--out", str(evals / f"{kind}_{name}.json")]
+                *(["--limit", str(lim)] if lim else []), "--num-fewshot", str(shots),
+                "--batch-size", str(a.eval_batch_size), "--out", str(evals / f"{kind}_{name}.json")]
     evals.mkdir(parents=True, exist_ok=True)
     parallel(a.jobs, todo, logs)
     scores: dict[str, dict] = {}
     for name in models:
         for kind in ("zs", "mmlu"):
             rec = json.loads((evals / f"{kind}_{name}.json").read_text())
-            scores.setdefault(name, {}).update(rec["results"][name])
+            scores.setdefault(name, {}).update(  # per-choice log-likelihoods stay in the eval files
+                {t: {k: v for k, v in r.items() if k != "logprobs"} for t, r in rec["results"][name].items()})
     record["tasks"] = scores
 
     # 5. timing (alone on the accelerator; last, so an interrupted run still has its task table)
@@ -274,58 +282,70 @@ def main(argv: list[str] | None = None) -> None:
         timing = {m: best[m]["step_s_median"] for m in methods}
 
     # the table
-    task_names = ZERO_SHOT.split(",") + ["mmlu"]
+    task_names = ZERO_SHOT.split(",") + [mmlu]
     rows = {}
     for m in methods:
-        base = f"base_{RUNS[m][0]}"
-        before, after = scores[base], scores[f"tuned_{m}"]
-        gains = {}
-        for t in task_names:
-            d, se = paired_diff(before[t]["outcomes"]["acc"], after[t]["outcomes"]["acc"])
-            gains[t] = {"before": before[t]["acc"], "after": after[t]["acc"], "gain_pts": d, "se_pts": se}
-        # the average gain over tasks, its paired SE from the pooled per-question differences
-        diffs = np.concatenate([np.asarray(after[t]["outcomes"]["acc"], float) - before[t]["outcomes"]["acc"]
-                                for t in task_names])
-        per_task = np.array([gains[t]["gain_pts"] for t in task_names])
         b = best[m]
-        base_dir = base_dirs[RUNS[m][0]]
-        rows[m] = {"lr": b["lr"], "trainable_params": b["trainable_params"],
-                   "base_bytes": dir_bytes(base_dir, ("model.safetensors",)),
+        rows[m] = {"lr": b["lr"], "base": f"base_{RUNS[m][0]}", "trainable_params": b["trainable_params"],
+                   "base_bytes": dir_bytes(base_dirs[RUNS[m][0]], ("model.safetensors",)),
                    "eval_loss_before": b["eval_loss_before"], "eval_loss_after": b["eval_loss_after"],
                    "step_s": timing[m], "step_s_alone": a.jobs == 1 or bool(a.time_steps),
                    "step_peak_bytes": (b["step_memory"] or {}).get("peak_bytes"),
-                   "tasks": gains, "mean_gain_pts": float(per_task.mean()),
-                   "pooled_gain_pts": 100 * float(diffs.mean()),
-                   "pooled_gain_se_pts": 100 * float(diffs.std(ddof=1) / math.sqrt(len(diffs)))}
+                   **gains(scores, f"base_{RUNS[m][0]}", f"tuned_{m}", task_names)}
     record["table"] = rows
-    # item 5: the same tuned weak columns stored in float32 vs rounded to float16
-    record["weak_storage"] = {m: {"share_of_delta_lost_in_fp16": fp16_lost[m], **{
-        t: paired_diff(scores[f"tuned_{m}_fp16"][t]["outcomes"]["acc"], scores[f"tuned_{m}"][t]["outcomes"]["acc"])
-        for t in task_names}} for m in fp16_lost}
+    # the same tuned weak columns stored in float32 vs rounded to float16
+    record["weak_storage"] = {m: {"share_of_delta_lost_in_fp16": fp16_lost[m],
+                                  **gains(scores, f"tuned_{m}_fp16", f"tuned_{m}", task_names)}
+                              for m in fp16_lost}
     save()
+    report(record)
 
-    print(f"\nsweep (held-out loss after {steps} steps of {batch} x {seq_len} tokens):")
-    for m in methods:
+
+def gains(scores: dict, before: str, after: str, task_names: list[str]) -> dict:
+    """Accuracy gains of model `after` over `before` on the same questions, in points with paired
+    standard errors: per task, their mean, and pooled over all questions (with and without boolq,
+    where this 135M model scores below the majority-class rate and gains are yes/no bias swings)."""
+    per = {}
+    for t in task_names:
+        d, se = paired_diff(scores[before][t]["outcomes"]["acc"], scores[after][t]["outcomes"]["acc"])
+        per[t] = {"before": scores[before][t]["acc"], "after": scores[after][t]["acc"], "gain_pts": d, "se_pts": se}
+
+    def pooled(names: list[str]) -> tuple[float, float]:
+        d = np.concatenate([np.asarray(scores[after][t]["outcomes"]["acc"], float)
+                            - scores[before][t]["outcomes"]["acc"] for t in names])
+        return 100 * float(d.mean()), 100 * float(d.std(ddof=1) / math.sqrt(len(d)))
+    return {"tasks": per, "mean_gain_pts": float(np.mean([g["gain_pts"] for g in per.values()])),
+            "pooled_gain_pts": pooled(task_names), "pooled_gain_no_boolq_pts":
+                pooled([t for t in task_names if t != "boolq"])}
+
+
+def report(record: dict) -> None:
+    """The markdown tables of a finished record (also: --report FILE)."""
+    s = record["settings"]
+    print(f"\nsweep (held-out loss after {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens):")
+    for m, runs in record["sweep"].items():
         print(f"  {m:10s} " + "  ".join(f"lr {k}: {v['eval_loss_before']:.3f} -> {v['eval_loss_after']:.3f}"
-                                        for k, v in sweep[m].items()))
+                                        for k, v in runs.items()))
+    rows = record["table"]
+    task_names = list(next(iter(rows.values()))["tasks"])
     head = ["method", "LR", "trainable", "base MB", "held-out before -> after", "step s", "step GB"]
-    head += [f"{t} (gain ± se)" for t in task_names] + ["mean gain", "pooled gain ± se"]
+    head += [f"{t} (gain ± se)" for t in task_names] + ["pooled gain ± se", "without boolq"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for m, r in rows.items():
         cells = [m, f"{r['lr']:g}", f"{r['trainable_params'] / 1e6:.2f}M", f"{r['base_bytes'] / 2**20:.0f}",
-                 f"{r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f}", f"{r['step_s']:.3f}",
+                 f"{r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f}",
+                 f"{r['step_s']:.3f}" + ("" if r["step_s_alone"] else " (shared)"),
                  f"{r['step_peak_bytes'] / 2**30:.2f}" if r["step_peak_bytes"] else "–"]
         cells += [f"{100 * g['after']:.1f} ({g['gain_pts']:+.1f}±{g['se_pts']:.1f})" for g in r["tasks"].values()]
-        cells += [f"{r['mean_gain_pts']:+.2f}", f"{r['pooled_gain_pts']:+.2f}±{r['pooled_gain_se_pts']:.2f}"]
+        cells += ["{:+.2f}±{:.2f}".format(*r[k]) for k in ("pooled_gain_pts", "pooled_gain_no_boolq_pts")]
         print("| " + " | ".join(cells) + " |")
-    for m, w in record["weak_storage"].items():
-        print(f"{m}: float32 vs fp16 weak storage, acc difference (pts ± se): "
-              + ", ".join(f"{t} {d:+.1f}±{e:.1f}" for t, (d, e) in w.items() if t in task_names)
-              + f"; {100 * w['share_of_delta_lost_in_fp16']:.0f}% of the tuned entries round back to the base in fp16")
+    for m, w in record.get("weak_storage", {}).items():
+        print(f"{m}: float32 minus fp16 weak storage, acc (pts ± se): "
+              + ", ".join(f"{t} {g['gain_pts']:+.1f}±{g['se_pts']:.1f}" for t, g in w["tasks"].items())
+              + f"; {100 * w['share_of_delta_lost_in_fp16']:.1f}% of the tuned entries round back to the base in fp16")
     print(json.dumps({m: {k: r[k] for k in ("lr", "trainable_params", "eval_loss_after", "step_s",
-                                            "step_peak_bytes", "pooled_gain_pts", "pooled_gain_se_pts")}
+                                            "step_peak_bytes", "pooled_gain_pts", "pooled_gain_no_boolq_pts")}
                       for m, r in rows.items()}))
-
 
 if __name__ == "__main__":
     main()
