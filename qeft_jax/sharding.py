@@ -39,8 +39,11 @@ host-side calibration set is identical everywhere, but each process only transfe
 of every batch to its local devices (`jax.make_array_from_callback` asks each process only for
 the slices its addressable devices hold). The block outputs are all-gathered back to every
 host (`multihost_utils.process_allgather`), and the Hessians are replicated by the all-reduce,
-so all processes quantize identically. Every process also writes the output checkpoint and its
-resume state: give each process its own --out (or a process-local disk) and keep process 0's.
+so all processes quantize identically. Only process 0 writes the output checkpoint and the resume
+state (`is_writer`); the others read that state when a killed run resumes, so --out must be on a
+file system every process sees (the same path everywhere). Training likewise: every process
+computes, process 0 writes metrics, configs and the exported model, and the orbax checkpoints are
+written by all processes together (each its own shards) into the shared --out.
 
 What is tested: a single host with 4 fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=4, tests/test_sharding.py): block outputs and
@@ -139,6 +142,18 @@ def to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_writer() -> bool:
+    """Whether this process writes outputs: in a multi-process run every process computes and only
+    process 0 writes (checkpoints, resume state, logs)."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches this point (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def maybe_initialize_distributed() -> bool:

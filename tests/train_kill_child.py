@@ -18,6 +18,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from qeft_jax.sharding import maybe_initialize_distributed
 from qeft_jax.train import parse
 from train import trainer
 
@@ -42,6 +43,7 @@ def install_save_pause(step: int, where: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    maybe_initialize_distributed()  # a process of a multi-process run when the QEFT_* variables say so
     where, flags = argv[0], argv[1:]
     kind, n = where.split(":")
     step = int(n)

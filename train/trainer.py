@@ -447,7 +447,7 @@ def _check_config(out: Path, record: dict[str, Any]) -> None:
             raise ValueError(f"{out} holds a run with a different configuration ({', '.join(diff)}: "
                              + "; ".join(f"{k} was {old.get(k)!r}, now {record.get(k)!r}" for k in diff[:4])
                              + "); use a new --out or --overwrite")
-    else:
+    elif shd.is_writer():
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, record, indent=2, sort_keys=True)
 
@@ -471,8 +471,10 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     checked, recorded or checkpointed (e.g. to interrupt a run at an exact point).
     """
     out = Path(cfg.out)
-    if overwrite and out.exists():
+    writer = shd.is_writer()  # every process computes; in a multi-process run process 0 alone writes
+    if overwrite and out.exists() and writer:
         shutil.rmtree(out)
+    shd.sync("qeft-jax: train output prepared")
     model_dir = resolve(cfg.model)
     dtype = compute_dtype(cfg.dtype)
     model, tok, model_cfg, info = build_model(model_dir, cfg.method, dtype=dtype, lora_rank=cfg.lora_rank,
@@ -505,8 +507,9 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     start = ckpt.latest() or 0
     if start:
         trainable, opt_state = ckpt.restore(start, trainable, opt_state)
-        _trim_metrics(metrics_path, start)
-    elif metrics_path.exists():
+        if writer:
+            _trim_metrics(metrics_path, start)
+    elif metrics_path.exists() and writer:
         metrics_path.unlink()
 
     accum = cfg.batch_size // cfg.micro_batch_size
@@ -535,7 +538,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     step_memory: dict[str, int] | None = None
     t_run = time.time()
     try:
-        with open(metrics_path, "a") as mf:
+        with open(metrics_path if writer else os.devnull, "a") as mf:
             if start == 0 and val_rows is not None and cfg.eval_every:
                 mf.write(json.dumps({"step": 0, "eval_loss": evaluate(trainable)}) + "\n")  # the baseline
             while step < steps:
@@ -588,12 +591,14 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     nnx.update(model, jax.tree.map(lambda t: jnp.asarray(shd.to_host(t), jnp.float32), trainable))
     meta = {"method": cfg.method, "steps": steps, "lr": lr, "seed": cfg.seed, "data": cfg.data,
             "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "base": str(model_dir)}
-    export(out, cfg.method, info, model, (cfg.lora_rank, cfg.lora_alpha), meta, cfg.weak_dtype)
+    if writer:
+        export(out, cfg.method, info, model, (cfg.lora_rank, cfg.lora_alpha), meta, cfg.weak_dtype)
     summary = {"step": steps, "method": cfg.method, "final_loss": last_loss, "trainable_params": n_params,
                "optimizer_state_elems": n_opt, "train_rows": len(train_rows), "seconds_this_run":
                round(time.time() - t_run, 2), "out": str(out),
                # medians over this process's steps, the first (compiling) one excluded where there are more
                "step_s_median": float(np.median(step_times[1:] or step_times)) if step_times else None,
                "step_memory": step_memory}
-    write_json_atomic(done, summary, indent=2)
+    if writer:
+        write_json_atomic(done, summary, indent=2)
     return summary

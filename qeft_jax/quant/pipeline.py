@@ -31,6 +31,7 @@ from qeft_jax.checkpoint import (SELECTION_FILE, STORAGE_DTYPES, TENSORS_FILE, l
                                  tokenizer_files, write_quantized)
 from qeft_jax.config import ModelConfig
 from qeft_jax.io import SafetensorsReader, atomic_dir, atomic_file, check_output_dir, write_json_atomic
+from qeft_jax.sharding import is_writer, sync
 from qeft_jax.packing import pack_codes
 from qeft_jax.model import embedding_scale
 from qeft_jax.qlinear import QEFTLinear
@@ -188,7 +189,8 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
         raise CalibrationError("embeddings of the calibration tokens contain NaN/Inf")
 
     d = cfg.hidden_size
-    work = ResumeState(out, _run_key(src, recipe, calib_ids, batch_size, mesh))
+    work = ResumeState(out, _run_key(src, recipe, calib_ids, batch_size, mesh), write=is_writer())
+    sync("qeft-jax: resume state read")  # nobody writes it before every process has read it
     if work.global_idx is not None:
         global_idx = work.global_idx
     elif recipe.weak == "global" and recipe.k:
@@ -250,9 +252,10 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
                "source": str(src), "seconds": round(time.time() - t0, 2), **(meta or {})}
     if recipe.awq_grid:  # the α AWQ chose, per layer and activation
         summary["awq_alpha"] = [work.records[str(i)]["awq_alpha"] for i in range(cfg.num_hidden_layers)]
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_quantized(tmp, cfg, tensors, summary, {**tokenizer_files(src), **work.extra_files()})
-    work.clear()
+    if is_writer():
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            write_quantized(tmp, cfg, tensors, summary, {**tokenizer_files(src), **work.extra_files()})
+        work.clear()
     return summary
 
 
@@ -273,11 +276,14 @@ def _run_key(src: Path, recipe: QuantRecipe, calib_ids: np.ndarray, batch_size: 
 class ResumeState:
     """Per-block progress beside the output (`.{out}.partial/`): a killed run resumes from the last
     finished block and produces the same checkpoint. Every file is written to a temp name and
-    renamed, and the state file is renamed last, so a kill at any point leaves a consistent state."""
+    renamed, and the state file is renamed last, so a kill at any point leaves a consistent state.
+    With write=False (a multi-process run's other processes) it reads the state but never changes
+    the directory: process 0 alone writes it."""
 
-    def __init__(self, out: Path, key: str):
+    def __init__(self, out: Path, key: str, write: bool = True):
         self.dir = out.parent / f".{out.name}.partial"
         self.key = key
+        self.write = write
         self.done = -1
         self.global_idx: np.ndarray | None = None
         self.records: dict[str, Any] = {}   # per finished block (str(i)): what the summary reports
@@ -286,7 +292,7 @@ class ResumeState:
             self.done = int(state["done"])
             self.global_idx = np.asarray(state["global_idx"], np.int32)
             self.records = state.get("records", {})
-        elif self.dir.exists():
+        elif self.dir.exists() and write:
             shutil.rmtree(self.dir)  # another run's leftovers: start over
 
     def _read_state(self) -> dict[str, Any] | None:
@@ -296,17 +302,22 @@ class ResumeState:
             return None
 
     def _write_state(self) -> None:
+        if not self.write:
+            return
         write_json_atomic(self.dir / "state.json",
                           {"key": self.key, "done": self.done, "global_idx": [int(v) for v in self.global_idx],
                            "records": self.records})
 
     def save_global_idx(self, idx: np.ndarray) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.write:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.global_idx = np.asarray(idx, np.int32)
         self._write_state()
 
     def save_selection(self, stats: dict[str, np.ndarray]) -> None:
         """Per-layer sensitivities of pass 1, shipped in the checkpoint as selection.safetensors."""
+        if not self.write:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_file(self.dir / SELECTION_FILE, lambda p: save_file(
             {k: np.ascontiguousarray(v, np.float32) for k, v in stats.items()}, str(p)))
@@ -317,11 +328,13 @@ class ResumeState:
 
     def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: np.ndarray,
                      record: dict[str, Any] | None = None) -> None:
+        self.done = i
+        self.records[str(i)] = record or {}
+        if not self.write:
+            return
         atomic_file(self.dir / f"block_{i}.safetensors", lambda p: save_file(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
         atomic_file(self.dir / f"x_{i}.npy", lambda p: _save_npy(p, x))
-        self.done = i
-        self.records[str(i)] = record or {}
         self._write_state()
         (self.dir / f"x_{i - 1}.npy").unlink(missing_ok=True)
 
