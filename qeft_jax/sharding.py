@@ -49,8 +49,9 @@ What is tested: a single host with 4 fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=4, tests/test_sharding.py): block outputs and
 Hessians match the single-device run, a whole quantization gives the same weak index, codes
 and logits, and FSDP training (qeft and full) gives the losses and tuned weights of the
-single-device run, also when resumed on a different number of devices. What is NOT tested: real
-multi-host runs (`jax.distributed`, the all-gather of activations across processes), real
+single-device run, also when resumed on a different number of devices; and 2 real processes on
+one machine (jax.distributed + gloo, tests/test_multiprocess.py): quantize and train (qeft killed
+and resumed, full) give the single-process results. What is NOT tested: several hosts, real
 GPUs/TPUs, and a 'model' axis > 1 (the mesh helper accepts it, but calibration and training only
 use the 'data' axis; arrays are replicated over 'model').
 """
