@@ -96,6 +96,7 @@ class TPUMeta:
     k: int
     words_per_block: int   # W
     block_n: int
+    kernel_group: int      # group size the layout uses: group_size, or 128 for a single group
     dtype: str             # activation dtype the weak columns were cast to
     storage_dtype: str     # dtype of the original scales/zeros/weak (for unprepare)
 
@@ -125,7 +126,7 @@ class TPUMeta:
 
     @property
     def groups_per_block(self) -> int:
-        return self.cols_per_block // self.group_size
+        return self.cols_per_block // self.kernel_group
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -143,18 +144,36 @@ class TPULayout:
     meta: TPUMeta
 
 
+MAX_GROUP_WORDS = 1024  # lcm(128, g) words: larger per-block minimums are left to the reference
+
+
+def kernel_group(group_size: int, in_features: int) -> int:
+    """The group size of the TPU layout: g, except that one group spanning the whole input
+    (per-channel scales, e.g. OWQ's g = in_features) becomes groups of 128 holding copies of it."""
+    return LANES if group_size >= in_features else group_size
+
+
+def supports(*, bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the kernel takes this config: the (kernel) group size is a multiple of 8 and
+    lcm(128, g) words (the smallest K block) at most MAX_GROUP_WORDS."""
+    kg = kernel_group(group_size, in_features)
+    return bits in (2, 3, 4) and kg % 8 == 0 and math.lcm(LANES, kg) <= MAX_GROUP_WORDS
+
+
 def choose_blocks(*, bits: int, group_size: int, in_features: int, out_features: int,
                   block_n: int | None = None, words_per_block: int | None = None) -> tuple[int, int]:
     """(block_n, W): block_n the largest of 512/256/128 dividing out rounded up to 128; W a
     multiple of lcm(128, g), as large as the input needs, at most MAX_TILE_WORDS / block_n."""
     if group_size % 8:
         raise ValueError(f"group_size must be a multiple of 8 for the TPU kernel, got {group_size}")
+    base = math.lcm(LANES, group_size)
+    if base > MAX_GROUP_WORDS:
+        raise ValueError(f"lcm(128, group_size={group_size}) = {base} words is over {MAX_GROUP_WORDS}")
     out128 = _round_up(out_features, LANES)
     if block_n is None:
         block_n = next(b for b in (512, 256, 128) if out128 % b == 0)
     if block_n % LANES:
         raise ValueError(f"block_n must be a multiple of {LANES}, got {block_n}")
-    base = math.lcm(LANES, group_size)
     if words_per_block is None:
         words = -(-in_features // values_per_word(bits))
         cap = max(base, MAX_TILE_WORDS // block_n // base * base)
@@ -183,10 +202,11 @@ def prepare(qweight: jax.Array, scales: jax.Array, zeros: jax.Array, weak: jax.A
     if scales.shape != (out, g_count) or zeros.shape != (out, g_count):
         raise ValueError(f"scales/zeros must be {(out, g_count)}, got {scales.shape}, {zeros.shape}")
     k = 0 if weak is None or weak_idx is None else int(weak.shape[-1])
-    block_n, wpb = choose_blocks(bits=bits, group_size=group_size, in_features=n,
+    kg = kernel_group(group_size, n)
+    block_n, wpb = choose_blocks(bits=bits, group_size=kg, in_features=n,
                                  out_features=out, block_n=block_n, words_per_block=words_per_block)
     meta = TPUMeta(bits=bits, group_size=group_size, in_features=n, out_features=out, k=k,
-                   words_per_block=wpb, block_n=block_n, dtype=jnp.dtype(dtype).name,
+                   words_per_block=wpb, block_n=block_n, kernel_group=kg, dtype=jnp.dtype(dtype).name,
                    storage_dtype=jnp.dtype(scales.dtype).name)
     nk, out_pad = meta.k_blocks, meta.out_pad
 
@@ -198,8 +218,10 @@ def prepare(qweight: jax.Array, scales: jax.Array, zeros: jax.Array, weak: jax.A
     words = lax.bitcast_convert_type(words, jnp.int32).reshape(out_pad, nk * wpb).T
 
     def groups(a):
+        if kg != group_size:  # one group over the whole input: copy it into every 128-group
+            a = jnp.repeat(a, num_groups(n, kg), axis=1)
         a = jnp.pad(a.astype(jnp.float32),
-                    ((0, out_pad - out), (0, nk * meta.groups_per_block - g_count)))
+                    ((0, out_pad - out), (0, nk * meta.groups_per_block - a.shape[1])))
         return a.T.reshape(nk, meta.groups_per_block, out_pad)
 
     wk = None
@@ -221,7 +243,7 @@ def unprepare(layout: TPULayout) -> tuple[jax.Array, ...]:
     codes = (words >> shifts) & jnp.uint32((1 << m.bits) - 1)                  # [out_pad, nk, vpw, W]
     codes = codes.reshape(m.out_pad, m.in_pad)[:m.out_features, :m.in_features]
     qweight = pack_codes(codes, m.bits)
-    g_count = num_groups(m.in_features, m.group_size)
+    g_count = num_groups(m.in_features, m.group_size)  # 1 when kernel_group != group_size
 
     def groups(a):
         return a.reshape(nk * m.groups_per_block, m.out_pad).T[:m.out_features, :g_count].astype(
@@ -322,7 +344,7 @@ def matmul_prepared(x: jax.Array, layout: TPULayout, *, interpret: Any = False,
         operands += [jnp.pad(xw, ((0, m_pad - m), (0, meta.k_pad - meta.k))), layout.weak]
         in_specs += [pl.BlockSpec((bm, meta.k_pad), lambda i, j, kb: (i, 0)),
                      pl.BlockSpec((meta.k_pad, bn), lambda i, j, kb: (0, j))]
-    kernel = functools.partial(_kernel, bits=meta.bits, group_size=meta.group_size, wpb=wpb,
+    kernel = functools.partial(_kernel, bits=meta.bits, group_size=meta.kernel_group, wpb=wpb,
                                has_weak=has_weak)
     grid = (m_pad // bm, meta.out_pad // bn, meta.k_blocks)
     y = pl.pallas_call(

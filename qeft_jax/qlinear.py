@@ -6,7 +6,6 @@ Variables:
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qeft_jax.packing import QuantSpec
-from qeft_jax.qeft_op import qeft_linear
+from qeft_jax.qeft_op import qeft_linear, resolve_backend
 
 
 class QuantState(nnx.Variable):
@@ -26,18 +25,31 @@ class WeakColumns(nnx.Param):
 
 
 def default_backend() -> str:
-    """'pallas' on GPU, 'xla' (the reference: dequantize + dot) elsewhere; QEFT_JAX_BACKEND overrides."""
-    forced = os.environ.get("QEFT_JAX_BACKEND")
-    if forced:
-        if forced not in ("xla", "pallas"):
-            raise ValueError(f"QEFT_JAX_BACKEND must be 'xla' or 'pallas', got {forced!r}")
-        return forced
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    """What backend=None / 'auto' runs here: 'triton' on GPU, 'mosaic' on TPU, 'xla' (the reference:
+    dequantize + dot) elsewhere; $QEFT_JAX_BACKEND overrides (see qeft_op.resolve_backend)."""
+    return resolve_backend(None)
+
+
+def set_backend(module: nnx.Module, backend: str | None) -> int:
+    """Set the backend of every QEFTLinear in `module` (e.g. a loaded model); returns how many.
+    None means 'auto' (resolved per call: qeft_op.resolve_backend). Checked here, not at call time."""
+    if backend is not None:
+        resolve_backend(backend)
+    count = 0
+    for _, m in nnx.iter_graph(module):
+        if isinstance(m, QEFTLinear):
+            m.backend = backend
+            count += 1
+    return count
 
 
 class QEFTLinear(nnx.Module):
     def __init__(self, spec: QuantSpec, *, bias: bool, dtype: Any = jnp.float32,
                  storage_dtype: Any = jnp.float16, backend: str | None = None):
+        """backend: one of qeft_op.BACKENDS ('xla', 'triton', 'mosaic', '*_interpret', 'auto');
+        None = 'auto' ($QEFT_JAX_BACKEND, else by platform)."""
+        if backend is not None:
+            resolve_backend(backend)  # fail early on a typo
         self.spec = spec
         self.dtype = dtype
         self.backend = backend
@@ -60,7 +72,7 @@ class QEFTLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = qeft_linear(x.astype(self.dtype), self.qweight[...], self.scales[...], self.zeros[...],
                         self.weak[...], self.weak_idx[...], bits=self.spec.bits,
-                        group_size=self.spec.group_size, backend=self.backend or default_backend())
+                        group_size=self.spec.group_size, backend=resolve_backend(self.backend))
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
