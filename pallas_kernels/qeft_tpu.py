@@ -3,9 +3,10 @@
     y[..., out] = x · dequantize(qweight)ᵀ + x[..., weak_idx] · weakᵀ        (f32 accumulation)
 
 The same op as ``pallas_kernels.qeft_gemv`` (the GPU/Triton kernel) and ``qeft_jax.packing.
-qeft_matmul_ref`` (the spec): codes of 2/3/4 bits, group size g (a multiple of 8, e.g. 32..128,
-the last group may be partial), k 16-bit weak columns (k may be 0), activations in bf16 (any float
-dtype works in interpret mode) and f32 accumulation. Dequantization is ``(code - zero) * scale``
+qeft_matmul_ref`` (the spec): codes of 2/3/4 bits, group size g any multiple of 8 with lcm(128, g)
+<= 1024 (16..128 included; the last group may be partial; one group spanning the whole input, i.e.
+per-channel scales, is stored as groups of 128), k 16-bit weak columns (k may be 0), activations
+in bf16 (other float dtypes work in interpret mode) and f32 accumulation. Dequantization is ``(code - zero) * scale``
 in f32 rounded to the activation dtype, exactly as in the reference.
 
 TPU layout (``prepare``, once at load time; ``unprepare`` inverts it exactly)

@@ -37,8 +37,7 @@ CASES = [(2, 32, 200, 576, 16, 1, True),
          (3, 128, 200, 576, 16, 24, True),
          (4, 32, 200, 576, 0, 24, False),
          (4, 64, 200, 576, 16, 8, True),
-         (4, 128, 70, 301, 5, 1, True),
-         (4, 128, 1536, 576, 16, 3, True)]   # the default model's MLP: 3 out blocks of 512
+         (4, 128, 70, 301, 5, 1, True)]
 if FULL:
     CASES = [(b, g, o, n, k, m, bool(k)) for b, g, m, (o, n), k in itertools.product(
         (2, 3, 4), (32, 64, 128), (1, 8, 24), ((200, 576), (70, 301)), (0, 16))]
@@ -57,7 +56,7 @@ def _check(bits, g, out, n, k, m, scattered, seed=0, dtype=BF, **kw):
 
 @pytest.mark.parametrize("bits,g,out,n,k,m,scattered", CASES)
 def test_mosaic_interpret_matches_reference(bits, g, out, n, k, m, scattered):
-    _check(bits, g, out, n, k, m, scattered)
+    print(f"rel_err={_check(bits, g, out, n, k, m, scattered):.3e}")  # shown with pytest -s
 
 
 @pytest.mark.parametrize("kw", [
@@ -138,9 +137,10 @@ def test_op_dispatches_to_the_mosaic_kernel(monkeypatch):
 
 
 # ------------------------------------------------------------------ a quantized model end to end
-def _random_quantized_model(dtype, bits=4, group_size=128, k=16):
-    """The default model's architecture (SmolLM2-135M: hidden 576, MLP 1536, k/v 192) cut to two
-    layers and a 256-token vocabulary, every block linear a QEFTLinear with random packed tensors."""
+def _random_quantized_model(dtype, bits=4, group_size=128, k=16, layers=1):
+    """The default model's architecture (SmolLM2-135M: hidden 576, MLP 1536 = 3 out blocks of 512,
+    k/v 192) cut to `layers` layers and a 256-token vocabulary, every block linear a QEFTLinear with
+    random packed tensors."""
     # local imports: the model stack stays off the kernel tests' import path
     from flax import nnx
 
@@ -153,7 +153,7 @@ def _random_quantized_model(dtype, bits=4, group_size=128, k=16):
     cfg = ModelConfig.from_hf_dict({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
         "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-        "num_hidden_layers": 2, "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "num_hidden_layers": layers, "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
         "tie_word_embeddings": True, "max_position_embeddings": 256, "hidden_act": "silu"})
     recipe = make_recipe("qeft", bits=bits, group_size=group_size, k=k)
     model = build_model(cfg, recipe, dtype=dtype)
@@ -178,27 +178,30 @@ def _random_quantized_model(dtype, bits=4, group_size=128, k=16):
     return model, cfg
 
 
+# CI: one layer, bf16, prefill only; QEFT_TEST_FULL=1: two layers, bf16 and f32, + a decode step
 MODEL_DTYPES = [(BF, 3e-2)] + ([(jnp.float32, 1e-5)] if FULL else [])
 
 
 @pytest.mark.parametrize("dtype,tol", MODEL_DTYPES, ids=[jnp.dtype(d).name for d, _ in MODEL_DTYPES])
 def test_model_logits_mosaic_interpret_equal_reference(dtype, tol):
-    """Prefill (M = 2 x 5 rows) and a decode-shaped step (M = 1) of the quantized model, jitted:
-    logits through the TPU-interpret kernel equal the XLA reference path's. (Jitted: run eagerly, the
-    interpreter's callbacks compete with the model's queued eager ops and crawl.)"""
+    """Prefill (M = 2 x 5 rows; full: and a decode-shaped step, M = 1) of the quantized model,
+    jitted: logits through the TPU-interpret kernel equal the XLA reference path's. (Jitted: run
+    eagerly, the interpreter's callbacks compete with the model's queued eager ops and crawl.)"""
     # local imports: as in _random_quantized_model
     from flax import nnx
 
     from qeft_jax.qlinear import set_backend
 
-    model, cfg = _random_quantized_model(dtype)
+    layers = 2 if FULL else 1
+    model, cfg = _random_quantized_model(dtype, layers=layers)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 5)))
     forward = nnx.jit(lambda m, ids: m(ids))
     outs = {}
     for backend in ("xla", "mosaic_interpret"):
-        assert set_backend(model, backend) == 14
-        outs[backend] = [np.asarray(forward(model, ids), np.float32),
-                         np.asarray(forward(model, ids[:1, :1]), np.float32)]
+        assert set_backend(model, backend) == 7 * layers
+        outs[backend] = [np.asarray(forward(model, ids), np.float32)]
+        if FULL:
+            outs[backend].append(np.asarray(forward(model, ids[:1, :1]), np.float32))
     for ref, got in zip(outs["xla"], outs["mosaic_interpret"]):
         assert np.all(np.isfinite(ref)) and np.abs(ref).max() > 1e-3
         err = float(np.abs(got - ref).max() / np.abs(ref).max())
