@@ -40,9 +40,10 @@ scales/zeros in f32 (16-bit in the packed format):
     14336 x 4096    44.9 µs (42.6)      22.4 µs (21.3)
     4096 x 14336    41.7 µs (39.4)      20.8 µs (19.7)
 
-(a bf16 dense GEMV reads 33.6 / 117.4 MB: 41 / 143 µs on v5e). The kernel also re-reads its padded
-8-row x block once per 512-wide out block (64 KiB each at in = 4096, ~0.5 MB per call here) and
-writes an 8-row y: small next to the weights, counted in ``tpu_rows`` as measured bytes.
+(a bf16 dense GEMV reads 33.6 / 117.4 MB: 41 / 143 µs on v5e). At decode the kernel reads x
+padded to 16 rows once (128 KiB at in = 4096) and writes a 16-row y: small next to the weights;
+``tpu_rows`` reports both the bytes above (``bytes``, f32 s/z) and the prepared layout's
+(``bytes_layout``, padding included).
 
 The last line printed is JSON: interpret_max_rel_err, lowers_for_cuda, tpu_interpret_max_rel_err,
 lowers_for_tpu, gpu, tpu, timed, and on a GPU gpu_check_max_rel_err (the interpret grid compiled

@@ -36,8 +36,8 @@ weights are re-laid out once:
 Padding, decided once in ``prepare``: ``out`` to a multiple of 128 (``block_n`` divides it), the
 input to a multiple of ``vpw · W`` with code 0, scale 0 and zero 0 (padded columns meet zero
 activations; padded groups dequantize to 0), k to a multiple of 128 with zero weak columns. The
-activations (M <= 8 rows at decode, and k columns of them for the weak part) are padded inside
-the wrapper: that is small and per call anyway. Why padding and not masking: a masked partial
+activations (M <= 8 rows at decode: to the sublane tile, 16 rows of bf16 or 8 of f32; and k
+columns of them for the weak part) are padded inside the wrapper: that is small and per call. Why padding and not masking: a masked partial
 block would read undefined VMEM (garbage scales can be NaN/Inf, and NaN · 0 is NaN), so every
 tile would need selects; padding the weights once costs nothing per call except for the padded
 bytes themselves. The price is traffic on shapes far from the block grid: the default model's
@@ -47,7 +47,8 @@ n = 4096 to 5120 (one 1280-column block is 128 words); 4-bit 4096/11008/14336 pa
 Kernel
 ------
 Grid ``(M blocks, out blocks, K blocks)``, semantics (parallel, parallel, arbitrary). Blocks go
-through BlockSpecs (double-buffered HBM -> VMEM DMAs by Pallas): x ``[block_m, vpw·W]``, words
+through BlockSpecs (double-buffered HBM -> VMEM DMAs by Pallas): x ``[block_m, vpw·W]`` (at
+decode all of x, ``[K blocks, block_m, vpw·W]``, when it fits in 2 MiB: fetched once), words
 ``[W, block_n]``, scales/zeros ``[vpw·W/g, block_n]``, weak ``[k_pad, block_n]`` and
 ``x[:, weak_idx]`` ``[block_m, k_pad]`` (fetched once per out block: their index ignores K), out
 ``[block_m, block_n]``. An f32 VMEM scratch accumulator is initialised at K block 0 with the weak
@@ -58,9 +59,10 @@ product and written out (cast to x.dtype) at the last K block. Per K block the k
 Block sizes: ``block_n`` = 512/256/128 (the largest dividing out rounded up to 128), W = 256 words
 (512 when block_n <= 256), fewer when the input is small: a word tile is at most 512 KiB (x2 for
 double buffering) and the f32 temporaries of one plane as much again, well inside the 16 MiB
-default scoped VMEM of v5e (32 MiB on v6e). M <= 8 (decode) runs one 8-row block; M > 8
-(prefill) is tiled over M with ``block_m`` rows (default: M rounded up to 16, at most 256), each
-M block re-dequantizing the weights it reads.
+default scoped VMEM of v5e (32 MiB on v6e). M <= 8 (decode) runs one block of 16 (bf16) or 8
+(f32) rows; M > 8 (prefill) is tiled over M with ``block_m`` rows (default: M rounded up to 16,
+at most 256 and at most 2 MiB of x per block: < 10 MiB of VMEM in all), each M block
+re-dequantizing the weights it reads.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ from qeft_jax.packing import num_groups, pack_codes, unpack_codes, values_per_wo
 LANES = 128
 DECODE_MAX_M = 8
 MAX_TILE_WORDS = 128 * 1024  # W * block_n int32 words per weight tile (512 KiB)
+MAX_X_BLOCK_BYTES = 2 << 20  # prefill: block_m is capped so an x block stays <= 2 MiB
 
 
 def _round_up(v: int, m: int) -> int:
@@ -266,12 +269,14 @@ def _group_rows(ref, row0: int, n_groups: int, group_size: int):
 
 
 def _kernel(x_ref, qw_ref, s_ref, z_ref, *rest, bits: int, group_size: int, wpb: int,
-            has_weak: bool):
+            has_weak: bool, x_resident: bool):
     if has_weak:
         xw_ref, wk_ref, o_ref, acc_ref = rest
     else:
         o_ref, acc_ref = rest
     kb = pl.program_id(2)
+    # x_ref: [k_blocks, bm, vpw·W] (decode: all of x resident, fetched once) or [bm, vpw·W]
+    x_blk = x_ref.at[kb] if x_resident else x_ref
 
     @pl.when(kb == 0)
     def _init():
@@ -291,7 +296,7 @@ def _kernel(x_ref, qw_ref, s_ref, z_ref, *rest, bits: int, group_size: int, wpb:
         sc = _group_rows(s_ref, s * gpp, gpp, group_size)
         zp = _group_rows(z_ref, s * gpp, gpp, group_size)
         w = ((codes - zp) * sc).astype(cdt)  # the reference's rounding: f32 -> activation dtype
-        acc = acc + jnp.dot(x_ref[:, pl.ds(s * wpb, wpb)], w, preferred_element_type=jnp.float32)
+        acc = acc + jnp.dot(x_blk[:, pl.ds(s * wpb, wpb)], w, preferred_element_type=jnp.float32)
     acc_ref[...] = acc
 
     @pl.when(kb == pl.num_programs(2) - 1)
@@ -299,11 +304,16 @@ def _kernel(x_ref, qw_ref, s_ref, z_ref, *rest, bits: int, group_size: int, wpb:
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _block_m(m: int, block_m: int | None) -> int:
+def _block_m(m: int, block_m: int | None, *, itemsize: int, x_cols: int) -> int:
+    """Rows per M block. Decode (M <= 8): one block of the dtype's sublane tile, 8 rows of 32-bit
+    or 16 of 16-bit values (two rows packed per sublane). Prefill: M rounded up to 16, at most 256
+    and at most MAX_X_BLOCK_BYTES of x per block (x_cols = vpw · W columns per K block)."""
+    tile = 8 * (4 // itemsize)
     if m <= DECODE_MAX_M:
-        return DECODE_MAX_M
+        return max(tile, 8)
     if block_m is None:
-        return min(256, _round_up(m, 16))
+        cap = max(16, MAX_X_BLOCK_BYTES // (x_cols * itemsize) // 16 * 16)
+        return min(256, cap, _round_up(m, 16))
     if block_m % 16:
         raise ValueError(f"block_m must be a multiple of 16, got {block_m}")
     return block_m
@@ -328,15 +338,24 @@ def matmul_prepared(x: jax.Array, layout: TPULayout, *, interpret: Any = False,
         interpret = pltpu.InterpretParams()
     x2 = x.reshape(-1, n)
     m = x2.shape[0]
-    bm = _block_m(m, block_m)
+    bm = _block_m(m, block_m, itemsize=jnp.dtype(x.dtype).itemsize, x_cols=meta.cols_per_block)
     m_pad = _round_up(m, bm)
     bn, wpb, vpw = meta.block_n, meta.words_per_block, meta.vpw
     gpb = meta.groups_per_block
     has_weak = meta.k > 0
 
-    operands = [jnp.pad(x2, ((0, m_pad - m), (0, meta.in_pad - n))),
-                layout.qweight, layout.scales, layout.zeros]
-    in_specs = [pl.BlockSpec((bm, vpw * wpb), lambda i, j, kb: (i, kb)),
+    # x as [k_blocks, m_pad, vpw·W]. Decode: one block holding all of it (index constant over the
+    # grid, so fetched once instead of once per out block); prefill: one K block of bm rows.
+    cols = vpw * wpb
+    xp = jnp.pad(x2, ((0, m_pad - m), (0, meta.in_pad - n)))
+    xp = xp.reshape(m_pad, meta.k_blocks, cols).transpose(1, 0, 2)
+    x_resident = m_pad == bm and meta.k_blocks * bm * cols * xp.dtype.itemsize <= MAX_X_BLOCK_BYTES
+    if x_resident:
+        x_spec = pl.BlockSpec((meta.k_blocks, bm, cols), lambda i, j, kb: (0, i, 0))
+    else:
+        x_spec = pl.BlockSpec((None, bm, cols), lambda i, j, kb: (kb, i, 0))
+    operands = [xp, layout.qweight, layout.scales, layout.zeros]
+    in_specs = [x_spec,
                 pl.BlockSpec((wpb, bn), lambda i, j, kb: (kb, j)),
                 pl.BlockSpec((None, gpb, bn), lambda i, j, kb: (kb, 0, j)),
                 pl.BlockSpec((None, gpb, bn), lambda i, j, kb: (kb, 0, j))]
@@ -346,7 +365,7 @@ def matmul_prepared(x: jax.Array, layout: TPULayout, *, interpret: Any = False,
         in_specs += [pl.BlockSpec((bm, meta.k_pad), lambda i, j, kb: (i, 0)),
                      pl.BlockSpec((meta.k_pad, bn), lambda i, j, kb: (0, j))]
     kernel = functools.partial(_kernel, bits=meta.bits, group_size=meta.kernel_group, wpb=wpb,
-                               has_weak=has_weak)
+                               has_weak=has_weak, x_resident=x_resident)
     grid = (m_pad // bm, meta.out_pad // bn, meta.k_blocks)
     y = pl.pallas_call(
         kernel,

@@ -59,15 +59,18 @@ def test_mosaic_interpret_matches_reference(bits, g, out, n, k, m, scattered):
     print(f"rel_err={_check(bits, g, out, n, k, m, scattered):.3e}")  # shown with pytest -s
 
 
-@pytest.mark.parametrize("kw", [
-    {"words_per_block": 128, "block_n": 128, "block_m": 16},   # 2 K blocks x 2 out blocks x 2 M blocks
-    {"group": 16},                                         # g < 32 (and < vpw at 2 bits)
-    {"group": 576},                                        # one group per row (per-channel)
-], ids=["multi_block", "g16", "per_channel"])
-def test_mosaic_interpret_variants(kw):
-    kw = dict(kw)
-    g = kw.pop("group", 64)
-    _check(4 if g != 16 else 2, g, 200, 2000 if kw else 576, 16, 24 if kw else 3, True, seed=1, **kw)
+#                  bits g    n     M   kernel keywords
+VARIANTS = {"prefill_multi_block": (4, 64, 2000, 24, {"words_per_block": 128, "block_n": 128,
+                                                      "block_m": 16}),  # 2 M x 2 out x 2 K blocks
+            "decode_multi_block": (4, 64, 2000, 3, {"words_per_block": 128, "block_n": 128}),
+            "g16": (2, 16, 576, 3, {}),          # g < 32 (and = vpw at 2 bits)
+            "per_channel": (4, 576, 576, 3, {})}  # one group per row, stored as groups of 128
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_mosaic_interpret_variants(name):
+    bits, g, n, m, kw = VARIANTS[name]
+    _check(bits, g, 200, n, 16, m, True, seed=1, **kw)
 
 
 @pytest.mark.parametrize("bits,g,n", [(2, 32, 576), (3, 128, 301), (4, 64, 4100), (3, 576, 576)])
