@@ -6,8 +6,8 @@ The same op as ``pallas_kernels.qeft_gemv`` (the GPU/Triton kernel) and ``qeft_j
 qeft_matmul_ref`` (the spec): codes of 2/3/4 bits, group size g any multiple of 8 with lcm(128, g)
 <= 1024 (16..128 included; the last group may be partial; one group spanning the whole input, i.e.
 per-channel scales, is stored as groups of 128), k 16-bit weak columns (k may be 0), activations
-in bf16 (other float dtypes work in interpret mode) and f32 accumulation. Dequantization is ``(code - zero) * scale``
-in f32 rounded to the activation dtype, exactly as in the reference.
+in bf16 (other float dtypes work in interpret mode) and f32 accumulation. Dequantization is
+``(code - zero) * scale`` in f32 rounded to the activation dtype, exactly as in the reference.
 
 TPU layout (``prepare``, once at load time; ``unprepare`` inverts it exactly)
 ------------------------------------------------------------------------------
@@ -19,7 +19,7 @@ weights are re-laid out once:
 * Transposed: input dimension on sublanes, ``out`` on lanes, so the output ``y [M, out]`` is
   lane-dense and a group's scale is one lane-row broadcast down sublanes (no lane gathers).
 * Planar words: the input is cut into K blocks of ``vpw · W`` columns (W words, W a multiple of
-  128 and of g). Word ``w`` of K block ``b`` holds, at bit ``s · bits``, the code of column
+  lcm(128, g)). Word ``w`` of K block ``b`` holds, at bit ``s · bits``, the code of column
   ``b·vpw·W + s·W + w``. Shifting a ``[W, block_n]`` word tile by ``s · bits`` therefore yields
   the codes of W *consecutive* columns (plane s): the kernel multiplies it with the contiguous,
   128-aligned activation slice ``x[:, s·W:(s+1)·W]`` of the block; no activation re-layout, no
@@ -37,12 +37,16 @@ Padding, decided once in ``prepare``: ``out`` to a multiple of 128 (``block_n`` 
 input to a multiple of ``vpw · W`` with code 0, scale 0 and zero 0 (padded columns meet zero
 activations; padded groups dequantize to 0), k to a multiple of 128 with zero weak columns. The
 activations (M <= 8 rows at decode: to the sublane tile, 16 rows of bf16 or 8 of f32; and k
-columns of them for the weak part) are padded inside the wrapper: that is small and per call. Why padding and not masking: a masked partial
-block would read undefined VMEM (garbage scales can be NaN/Inf, and NaN · 0 is NaN), so every
-tile would need selects; padding the weights once costs nothing per call except for the padded
-bytes themselves. The price is traffic on shapes far from the block grid: the default model's
+columns of them for the weak part) are padded inside the wrapper: that is small and per call.
+Why padding and not masking: a masked partial block would read undefined VMEM (garbage scales
+can be NaN/Inf, and NaN · 0 is NaN), so every tile would need selects; padding the weights once
+costs nothing per call except for the padded bytes themselves. The price is traffic on shapes far from the block grid: the default model's
 n = 576 is padded to one K block of 1024 (4-bit), 1280 (3-bit) or 2048 (2-bit) columns, and 3-bit
-n = 4096 to 5120 (one 1280-column block is 128 words); 4-bit 4096/11008/14336 pad by 0-2.3%.
+n = 4096 to 5120 (two 2560-column blocks); 4-bit 4096/11008/14336 pad by 0-2.3%.
+
+Where the layout is made: ``qeft_matmul`` (what ``qeft_jax.qeft_op`` calls for backend 'mosaic')
+prepares inside every call, one extra pass over the weights; serving code that wants the kernel's
+HBM traffic alone calls ``prepare`` once at load time and ``matmul_prepared`` per step.
 
 Kernel
 ------
@@ -56,10 +60,10 @@ product and written out (cast to x.dtype) at the last K block. Per K block the k
 (unrolled) over the vpw planes: shift, mask, to f32, ``(code - zero) * scale``, round to x.dtype,
 ``jnp.dot(x_plane, w_plane, preferred_element_type=f32)``.
 
-Block sizes: ``block_n`` = 512/256/128 (the largest dividing out rounded up to 128), W = 256 words
-(512 when block_n <= 256), fewer when the input is small: a word tile is at most 512 KiB (x2 for
-double buffering) and the f32 temporaries of one plane as much again, well inside the 16 MiB
-default scoped VMEM of v5e (32 MiB on v6e). M <= 8 (decode) runs one block of 16 (bf16) or 8
+Block sizes: ``block_n`` = 512/256/128 (the largest dividing out rounded up to 128), W = 256
+words (512 / 1024 when block_n = 256 / 128), fewer when the input is small: a word tile is at most
+512 KiB (x2 for double buffering) and the f32 temporaries of one plane as much again, well inside
+the 16 MiB default scoped VMEM of v5e (32 MiB on v6e). M <= 8 (decode) runs one block of 16 (bf16) or 8
 (f32) rows; M > 8 (prefill) is tiled over M with ``block_m`` rows (default: M rounded up to 16,
 at most 256 and at most 2 MiB of x per block: < 10 MiB of VMEM in all), each M block
 re-dequantizing the weights it reads.
