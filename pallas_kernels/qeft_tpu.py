@@ -44,9 +44,11 @@ costs nothing per call except for the padded bytes themselves. The price is traf
 n = 576 is padded to one K block of 1024 (4-bit), 1280 (3-bit) or 2048 (2-bit) columns, and 3-bit
 n = 4096 to 5120 (two 2560-column blocks); 4-bit 4096/11008/14336 pad by 0-2.3%.
 
-Where the layout is made: ``qeft_matmul`` (what ``qeft_jax.qeft_op`` calls for backend 'mosaic')
-prepares inside every call, one extra pass over the weights; serving code that wants the kernel's
-HBM traffic alone calls ``prepare`` once at load time and ``matmul_prepared`` per step.
+Where the layout is made: once at load time by ``prepare`` (``qeft_jax.qlinear.prepare_tpu``
+does it for every linear of a model, packed part only: the weak columns stay trainable and are
+cast/padded/transposed per call, k columns), then ``matmul_prepared`` per step. Without a
+prepared layout, ``qeft_matmul`` (the op's fallback for backend 'mosaic') prepares inside every
+call: correct, but one extra pass over the weights.
 
 Kernel
 ------
@@ -234,11 +236,17 @@ def prepare(qweight: jax.Array, scales: jax.Array, zeros: jax.Array, weak: jax.A
 
     wk = None
     if k:
-        wk = jnp.pad(weak.astype(dtype), ((0, out_pad - out), (0, meta.k_pad - k))).T
+        wk = weak_operand(weak, out_pad=out_pad, dtype=dtype)
         weak_idx = weak_idx.astype(jnp.int32)
     else:
         weak_idx = jnp.zeros((0,), jnp.int32)
     return TPULayout(words, groups(scales), groups(zeros), wk, weak_idx, meta)
+
+
+def weak_operand(weak: jax.Array, *, out_pad: int, dtype: Any) -> jax.Array:
+    """weak [out, k] -> the kernel's [round_up(k, 128), out_pad] in the activation dtype."""
+    out, k = weak.shape
+    return jnp.pad(weak.astype(dtype), ((0, out_pad - out), (0, _round_up(k, LANES) - k))).T
 
 
 def unprepare(layout: TPULayout) -> tuple[jax.Array, ...]:
@@ -324,10 +332,15 @@ def _block_m(m: int, block_m: int | None, *, itemsize: int, x_cols: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_m"))
-def matmul_prepared(x: jax.Array, layout: TPULayout, *, interpret: Any = False,
+def matmul_prepared(x: jax.Array, layout: TPULayout, weak: jax.Array | None = None,
+                    weak_idx: jax.Array | None = None, *, interpret: Any = False,
                     block_m: int | None = None) -> jax.Array:
-    """y[..., out] for a prepared linear; x [..., in_features] in the layout's activation dtype.
+    """y[..., out] for a prepared linear; x [..., in_features].
 
+    The weak columns come from the layout (prepared with them: x must then be in the layout's
+    activation dtype) or, for a layout prepared without them, as ``weak [out, k]`` and
+    ``weak_idx [k]`` here: then they are cast, padded and transposed on every call (k columns:
+    what a model whose weak columns are trained does; the packed part stays prepared).
     ``interpret``: False (compile with Mosaic: a TPU), True or a ``pltpu.InterpretParams`` (run
     the kernel on CPU in TPU interpret mode; True means the default ``InterpretParams()``).
     """
@@ -335,9 +348,20 @@ def matmul_prepared(x: jax.Array, layout: TPULayout, *, interpret: Any = False,
     *lead, n = x.shape
     if n != meta.in_features:
         raise ValueError(f"x has {n} features, the layout {meta.in_features}")
-    if jnp.dtype(x.dtype).name != meta.dtype:
-        raise ValueError(f"x is {x.dtype}, the layout was prepared for {meta.dtype} "
-                         "(prepare(..., dtype=x.dtype))")
+    if layout.weak is not None:
+        if weak is not None:
+            raise ValueError("the layout already holds the weak columns")
+        if jnp.dtype(x.dtype).name != meta.dtype:
+            raise ValueError(f"x is {x.dtype}, the layout was prepared for {meta.dtype} "
+                             "(prepare(..., dtype=x.dtype))")
+        wk, weak_idx, k = layout.weak, layout.weak_idx, meta.k
+    elif weak is not None and weak_idx is not None and weak.shape[-1]:
+        if weak.shape[0] != meta.out_features:
+            raise ValueError(f"weak has {weak.shape[0]} rows, the layout {meta.out_features}")
+        wk, weak_idx, k = (weak_operand(weak, out_pad=meta.out_pad, dtype=x.dtype),
+                           weak_idx.astype(jnp.int32), weak.shape[-1])
+    else:
+        wk, k = None, 0
     if interpret is True:
         interpret = pltpu.InterpretParams()
     x2 = x.reshape(-1, n)
@@ -346,7 +370,7 @@ def matmul_prepared(x: jax.Array, layout: TPULayout, *, interpret: Any = False,
     m_pad = _round_up(m, bm)
     bn, wpb, vpw = meta.block_n, meta.words_per_block, meta.vpw
     gpb = meta.groups_per_block
-    has_weak = meta.k > 0
+    has_weak = k > 0
 
     # x as [k_blocks, m_pad, vpw·W]. Decode: one block holding all of it (index constant over the
     # grid, so fetched once instead of once per out block); prefill: one K block of bm rows.
@@ -364,10 +388,11 @@ def matmul_prepared(x: jax.Array, layout: TPULayout, *, interpret: Any = False,
                 pl.BlockSpec((None, gpb, bn), lambda i, j, kb: (kb, 0, j)),
                 pl.BlockSpec((None, gpb, bn), lambda i, j, kb: (kb, 0, j))]
     if has_weak:
-        xw = jnp.take(x2, layout.weak_idx, axis=1)  # the k-column gather stays outside the kernel
-        operands += [jnp.pad(xw, ((0, m_pad - m), (0, meta.k_pad - meta.k))), layout.weak]
-        in_specs += [pl.BlockSpec((bm, meta.k_pad), lambda i, j, kb: (i, 0)),
-                     pl.BlockSpec((meta.k_pad, bn), lambda i, j, kb: (0, j))]
+        k_pad = wk.shape[0]
+        xw = jnp.take(x2, weak_idx, axis=1)  # the k-column gather stays outside the kernel
+        operands += [jnp.pad(xw, ((0, m_pad - m), (0, k_pad - k))), wk]
+        in_specs += [pl.BlockSpec((bm, k_pad), lambda i, j, kb: (i, 0)),
+                     pl.BlockSpec((k_pad, bn), lambda i, j, kb: (0, j))]
     kernel = functools.partial(_kernel, bits=meta.bits, group_size=meta.kernel_group, wpb=wpb,
                                has_weak=has_weak, x_resident=x_resident)
     grid = (m_pad // bm, meta.out_pad // bn, meta.k_blocks)

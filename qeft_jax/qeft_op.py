@@ -42,7 +42,7 @@ def resolve_backend(backend: str | None = None) -> str:
     return backend
 
 
-def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend):
+def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout=None):
     backend = resolve_backend(backend)
     args = (x, qweight, scales, zeros, weak, weak_idx)
     kw = {"bits": bits, "group_size": group_size}
@@ -50,6 +50,10 @@ def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backen
     # inside at most two groups (group_size >= values per word); the Mosaic one see qeft_tpu.supports.
     if backend in ("triton", "triton_interpret") and group_size >= 32 // bits:
         return qeft_gemv.qeft_matmul(*args, **kw, interpret=backend == "triton_interpret")
+    if backend in ("mosaic", "mosaic_interpret") and tpu_layout is not None:
+        # the packed part laid out once at load time (qlinear.prepare_tpu); weak stays trainable
+        return qeft_tpu.matmul_prepared(x, tpu_layout, weak, weak_idx,
+                                        interpret=backend == "mosaic_interpret")
     if backend in ("mosaic", "mosaic_interpret") and qeft_tpu.supports(
             bits=bits, group_size=group_size, in_features=x.shape[-1]):
         return qeft_tpu.qeft_matmul(*args, **kw, interpret=backend == "mosaic_interpret")
@@ -57,12 +61,15 @@ def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backen
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def qeft_linear(x, qweight, scales, zeros, weak, weak_idx, bits: int, group_size: int, backend: str):
-    return _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend)
+def qeft_linear(x, qweight, scales, zeros, weak, weak_idx, bits: int, group_size: int, backend: str,
+                tpu_layout=None):
+    """tpu_layout: an optional ``qeft_tpu.TPULayout`` of the same packed tensors, prepared without the
+    weak columns, that the Mosaic backends use instead of re-laying the weights out per call."""
+    return _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout)
 
 
-def _fwd(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend):
-    y = _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend)
+def _fwd(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout=None):
+    y = _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout)
     x_weak = jnp.take(x, weak_idx, axis=-1)
     # Only X_weak is saved; x itself is kept as a shape/dtype-only stand-in (no data).
     x_aval = jnp.zeros((0,) + x.shape[-1:], x.dtype)
@@ -77,7 +84,8 @@ def _bwd(bits, group_size, backend, res, dy):
     w = w.at[:, weak_idx].add(weak.astype(jnp.float32))
     dx = jnp.einsum("...o,oi->...i", dy.astype(jnp.float32), w).astype(x_aval.dtype)
     d_weak = jnp.einsum("...o,...k->ok", dy.astype(jnp.float32), x_weak.astype(jnp.float32))
-    return (dx, None, jnp.zeros_like(scales), jnp.zeros_like(zeros), d_weak.astype(weak.dtype), None)
+    return (dx, None, jnp.zeros_like(scales), jnp.zeros_like(zeros), d_weak.astype(weak.dtype), None,
+            None)
 
 
 qeft_linear.defvjp(_fwd, _bwd)

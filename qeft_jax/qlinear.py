@@ -3,6 +3,9 @@
 Variables:
   QuantState  qweight, scales, zeros, weak_idx, bias — frozen, never get gradients or optimizer state
   WeakColumns weak [out, k]                          — an nnx.Param subclass: the fine-tuning target
+  TPULayoutState tpu_qweight, tpu_scales, tpu_zeros   — only after prepare_tpu: the same packed tensors
+                                                       in the Mosaic kernel's layout (a Buffer:
+                                                       derived, never trained or stored)
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import qeft_tpu
+from qeft_jax.model import Buffer
 from qeft_jax.packing import QuantSpec
 from qeft_jax.qeft_op import qeft_linear, resolve_backend
 
@@ -22,6 +27,10 @@ class QuantState(nnx.Variable):
 
 class WeakColumns(nnx.Param):
     """The 16-bit weak columns: what QEFT fine-tunes (paper section 4)."""
+
+
+class TPULayoutState(Buffer):
+    """The packed tensors re-laid out for the Mosaic kernel (prepare_tpu): derived, never stored."""
 
 
 def default_backend() -> str:
@@ -43,6 +52,19 @@ def set_backend(module: nnx.Module, backend: str | None) -> int:
     return count
 
 
+def prepare_tpu(module: nnx.Module) -> int:
+    """Lay the packed tensors of every QEFTLinear in `module` out for the TPU (Mosaic) kernel, once
+    (load time; pallas_kernels.qeft_tpu.prepare); returns how many took it (configs the kernel does
+    not take keep the per-call path). The backends 'mosaic' / 'mosaic_interpret' then use the
+    layout instead of re-laying the weights out on every call. The weak columns stay where they
+    are (trainable). Re-run after replacing qweight/scales/zeros."""
+    count = 0
+    for _, m in nnx.iter_graph(module):
+        if isinstance(m, QEFTLinear) and m.prepare_tpu():
+            count += 1
+    return count
+
+
 class QEFTLinear(nnx.Module):
     def __init__(self, spec: QuantSpec, *, bias: bool, dtype: Any = jnp.float32,
                  storage_dtype: Any = jnp.float16, backend: str | None = None):
@@ -60,6 +82,26 @@ class QEFTLinear(nnx.Module):
         self.weak_idx = QuantState(jnp.arange(spec.k, dtype=jnp.int32))
         self.weak = WeakColumns(jnp.zeros(shapes["weak"], storage_dtype))
         self.bias = QuantState(jnp.zeros((spec.out_features,), storage_dtype)) if bias else None
+        self.tpu_meta: qeft_tpu.TPUMeta | None = None  # set by prepare_tpu, with the tpu_* buffers
+
+    def prepare_tpu(self) -> bool:
+        """The Mosaic layout of qweight/scales/zeros (module docstring of pallas_kernels.qeft_tpu)."""
+        sp = self.spec
+        if not qeft_tpu.supports(bits=sp.bits, group_size=sp.group_size, in_features=sp.in_features):
+            return False
+        lay = qeft_tpu.prepare(self.qweight[...], self.scales[...], self.zeros[...], None, None,
+                               bits=sp.bits, group_size=sp.group_size, in_features=sp.in_features)
+        self.tpu_qweight = TPULayoutState(lay.qweight)
+        self.tpu_scales = TPULayoutState(lay.scales)
+        self.tpu_zeros = TPULayoutState(lay.zeros)
+        self.tpu_meta = lay.meta
+        return True
+
+    def _tpu_layout(self) -> qeft_tpu.TPULayout | None:
+        if self.tpu_meta is None:
+            return None
+        return qeft_tpu.TPULayout(self.tpu_qweight[...], self.tpu_scales[...], self.tpu_zeros[...],
+                                  None, jnp.zeros((0,), jnp.int32), self.tpu_meta)
 
     @property
     def in_features(self) -> int:
@@ -72,7 +114,8 @@ class QEFTLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = qeft_linear(x.astype(self.dtype), self.qweight[...], self.scales[...], self.zeros[...],
                         self.weak[...], self.weak_idx[...], bits=self.spec.bits,
-                        group_size=self.spec.group_size, backend=resolve_backend(self.backend))
+                        group_size=self.spec.group_size, backend=resolve_backend(self.backend),
+                        tpu_layout=self._tpu_layout())
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y

@@ -181,31 +181,71 @@ def _random_quantized_model(dtype, bits=4, group_size=128, k=16, layers=1):
     return model, cfg
 
 
-# CI: one layer, bf16, prefill only; QEFT_TEST_FULL=1: two layers, bf16 and f32, + a decode step
+# CI: one layer, bf16, prefill, load-time layout; QEFT_TEST_FULL=1: two layers, bf16 and f32, a decode
+# step, and the per-call layout too
 MODEL_DTYPES = [(BF, 3e-2)] + ([(jnp.float32, 1e-5)] if FULL else [])
 
 
 @pytest.mark.parametrize("dtype,tol", MODEL_DTYPES, ids=[jnp.dtype(d).name for d, _ in MODEL_DTYPES])
-def test_model_logits_mosaic_interpret_equal_reference(dtype, tol):
+def test_model_logits_mosaic_interpret_equal_reference(dtype, tol, monkeypatch):
     """Prefill (M = 2 x 5 rows; full: and a decode-shaped step, M = 1) of the quantized model,
-    jitted: logits through the TPU-interpret kernel equal the XLA reference path's. (Jitted: run
-    eagerly, the interpreter's callbacks compete with the model's queued eager ops and crawl.)"""
+    jitted: logits through the TPU-interpret kernel on the layout made once by prepare_tpu (full:
+    and re-laid out per call) equal the XLA reference path's. (Jitted: run eagerly, the
+    interpreter's callbacks compete with the model's queued eager ops and crawl.)"""
     # local imports: as in _random_quantized_model
     from flax import nnx
 
-    from qeft_jax.qlinear import set_backend
+    from qeft_jax.qlinear import prepare_tpu, set_backend
 
     layers = 2 if FULL else 1
     model, cfg = _random_quantized_model(dtype, layers=layers)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 5)))
     forward = nnx.jit(lambda m, ids: m(ids))
-    outs = {}
-    for backend in ("xla", "mosaic_interpret"):
-        assert set_backend(model, backend) == 7 * layers
-        outs[backend] = [np.asarray(forward(model, ids), np.float32)]
+
+    def logits():
+        out = [np.asarray(forward(model, ids), np.float32)]
         if FULL:
-            outs[backend].append(np.asarray(forward(model, ids[:1, :1]), np.float32))
-    for ref, got in zip(outs["xla"], outs["mosaic_interpret"]):
-        assert np.all(np.isfinite(ref)) and np.abs(ref).max() > 1e-3
-        err = float(np.abs(got - ref).max() / np.abs(ref).max())
-        assert err <= tol, err
+            out.append(np.asarray(forward(model, ids[:1, :1]), np.float32))
+        return out
+
+    assert set_backend(model, "xla") == 7 * layers
+    ref = logits()
+    runs = []
+    if FULL:
+        set_backend(model, "mosaic_interpret")
+        runs.append(logits())
+    assert prepare_tpu(model) == 7 * layers
+    assert set_backend(model, "mosaic_interpret") == 7 * layers
+
+    def no_relayout(*a, **kw):
+        raise AssertionError("prepared linears must not re-lay their weights out per call")
+
+    monkeypatch.setattr(qeft_tpu, "qeft_matmul", no_relayout)
+    runs.append(logits())
+    for got in runs:
+        for r, g in zip(ref, got):
+            assert np.all(np.isfinite(r)) and np.abs(r).max() > 1e-3
+            err = float(np.abs(g - r).max() / np.abs(r).max())
+            assert err <= tol, err
+
+
+def test_prepared_layout_through_the_op_and_its_gradient():
+    """qeft_linear with a prepared layout (weak passed separately, as the model does): forward equals
+    the reference and the custom backward still gives dX and dW_weak."""
+    bits, g = 4, 32
+    x, qw, s, z, weak, idx = random_inputs(70, 301, bits=bits, group_size=g, k=5, m=3, scattered=True,
+                                           dtype=jnp.float32)
+    lay = qeft_tpu.prepare(qw, s, z, None, None, bits=bits, group_size=g, in_features=301)
+    assert lay.weak is None and lay.meta.k == 0
+
+    def loss(backend, layout):
+        def f(x, weak):
+            y = qeft_op.qeft_linear(x, qw, s, z, weak, idx, bits, g, backend, layout)
+            return jnp.sum(y * jnp.arange(70, dtype=y.dtype))
+        return f
+
+    got = jax.value_and_grad(loss("mosaic_interpret", lay), argnums=(0, 1))(x, weak)
+    want = jax.value_and_grad(loss("xla", None), argnums=(0, 1))(x, weak)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
