@@ -1,4 +1,5 @@
-"""Benchmark / check the fused QEFT kernel (pallas_kernels/qeft_gemv.py).
+"""Benchmark / check the fused QEFT kernels: pallas_kernels/qeft_gemv.py (GPU, Triton) and
+pallas_kernels/qeft_tpu.py (TPU, Mosaic).
 
     python benchmarks/kernel.py [--quick]        # GPU: time shapes; CPU: interpret + lowering checks
     python benchmarks/kernel.py --autotune       # GPU only: fill the block table (block_table.table_path())
@@ -17,10 +18,37 @@ Always (GPU or not): the interpret-mode kernel is compared with ``qeft_matmul_re
 shapes, and every (bits, group, dtype) config plus each benchmark shape is lowered for CUDA with
 ``jax.export`` (platforms=["cuda"]). Without a GPU nothing can be timed and the script says so.
 
-The last line printed is JSON: interpret_max_rel_err, lowers_for_cuda, gpu, timed, and on a GPU
-gpu_check_max_rel_err (the interpret grid compiled for the GPU), speedup_vs_bf16 (in=4096,
-out=11008, M=1) and "rows" ({"<out>x<in>_M<m>": {us, us_bf16, us_dequant, gbps, ...}}: what
-``python -m qeft_jax.plot kernel-speed`` draws) among others.
+The TPU (Mosaic) kernel, always: its TPU-interpret run (``pltpu.InterpretParams``) against the
+reference over a bf16 config grid (``tpu_interpret_max_rel_err``) and ``jax.export`` for
+platforms=["tpu"] of every (bits, group, M regime) config plus the benchmark shapes
+(``lowers_for_tpu``: true when all export; a Mosaic ``tpu_custom_call``). On a TPU, additionally:
+the same grid compiled (``tpu_check_max_rel_err``) and per shape the kernel's µs on a layout
+prepared once (``qeft_tpu.prepare``), GB/s, % of the roofline below, and a bf16 ``jnp.dot`` and
+dequantize + dot side by side (``tpu_rows``).
+
+TPU roofline (M = 1, 4 bits, g = 128, k = 128, bf16 x/y). Bytes per call = packed weights (out ·
+in/8 · 4) + scales and zeros + weak (out · k · 2) + x (in · 2) + y (out · 2); the TPU layout keeps
+scales/zeros in f32 (16-bit in the packed format):
+
+    out x in        weights    scales+zeros   weak     total (16-bit s/z)  total (TPU layout)
+    4096 x 4096     8.39 MB    0.52 / 1.05 MB 1.05 MB   9.98 MB             10.50 MB
+    14336 x 4096    29.36 MB   1.84 / 3.67 MB 3.67 MB  34.90 MB             36.74 MB
+    4096 x 14336    29.36 MB   1.84 / 3.67 MB 1.05 MB  32.28 MB             34.12 MB
+
+    HBM-bound time  v5e (819 GB/s)      v6e (1640 GB/s)       (TPU layout; 16-bit s/z in brackets)
+    4096 x 4096     12.8 µs (12.2)      6.4 µs (6.1)
+    14336 x 4096    44.9 µs (42.6)      22.4 µs (21.3)
+    4096 x 14336    41.7 µs (39.4)      20.8 µs (19.7)
+
+(a bf16 dense GEMV reads 33.6 / 117.4 MB: 41 / 143 µs on v5e). At decode the kernel reads x
+padded to 16 rows once (128 KiB at in = 4096) and writes a 16-row y: small next to the weights;
+``tpu_rows`` reports both the bytes above (``bytes``, f32 s/z) and the prepared layout's
+(``bytes_layout``, padding included).
+
+The last line printed is JSON: interpret_max_rel_err, lowers_for_cuda, tpu_interpret_max_rel_err,
+lowers_for_tpu, gpu, tpu, timed, and on a GPU gpu_check_max_rel_err (the interpret grid compiled
+for the GPU), speedup_vs_bf16 (in=4096, out=11008, M=1) and "rows" ({"<out>x<in>_M<m>": {us,
+us_bf16, us_dequant, gbps, ...}}: what ``python -m qeft_jax.plot kernel-speed`` draws) among others.
 """
 from __future__ import annotations
 
@@ -35,9 +63,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import block_table
+from pallas_kernels import block_table, qeft_tpu
 from pallas_kernels.qeft_gemv import dequant_matmul, qeft_matmul
-from pallas_kernels.testing import lower_for_cuda, random_inputs, rel_err
+from pallas_kernels.testing import lower_for_cuda, lower_for_tpu, random_inputs, rel_err
 from qeft_jax.packing import num_groups, qeft_matmul_ref, values_per_word
 
 # (out, in): Llama-7B-like, Llama-70B-like MLP, and the default model (hidden 576, inter 1536,
@@ -53,6 +81,19 @@ HBM_PEAK = [("H200", 4.8e12), ("GH200", 4.0e12), ("H100 PCIe", 2.0e12), ("H100",
             ("RTX 4090", 1.008e12), ("A10", 0.6e12)]
 
 L2_SPILL_BYTES = 120e6
+
+# TPU HBM bandwidth (bytes/s) by device-kind substring, lower case (first match wins).
+TPU_HBM_PEAK = [("v6", 1640e9), ("v5 lite", 819e9), ("v5e", 819e9), ("v5p", 2765e9), ("v5", 2765e9),
+                ("v4", 1228e9)]
+TPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (576, 576), (1536, 576), (576, 1536)]
+
+
+def gemv_bytes(out: int, n: int, *, bits: int, group: int, k: int, m: int = 1,
+               scale_bytes: int = 2, act_bytes: int = 2) -> int:
+    """Bytes one call must move: packed weights + scales and zeros + weak + x + y."""
+    words = -(-n // values_per_word(bits))
+    return (out * words * 4 + 2 * out * num_groups(n, group) * scale_bytes + out * k * 2
+            + act_bytes * m * (n + out))
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -243,6 +284,99 @@ def autotune(shapes, bits, group, k, reps, full: bool, prefill_m: int):
     print(f"wrote {len(new)} entries to {block_table.table_path()}")
 
 
+# ------------------------------------------------------------------ the TPU (Mosaic) kernel
+def tpu_correctness_checks(quick: bool, interpret: bool) -> float:
+    """Max relative error (bf16) of qeft_tpu against qeft_matmul_ref: TPU interpret mode on any
+    machine, or compiled with Mosaic on a TPU (interpret=False)."""
+    #        out   n     bits g    k   M
+    cases = [(576, 576, 4, 128, 16, 1), (1536, 576, 3, 64, 5, 8), (576, 1536, 2, 32, 0, 24),
+             (200, 576, 4, 32, 16, 3)]
+    if not quick:
+        cases += [(576, 576, b, g, 16, m) for b, g, m in [(2, 128, 3), (3, 32, 1), (4, 64, 8),
+                                                          (3, 128, 24)]]
+        cases += [(1024, 4096, 4, 128, 128, 1)]
+    worst = 0.0
+    for out, n, bits, g, k, m in cases:
+        x, qw, s, z, weak, idx = random_inputs(out, n, bits=bits, group_size=g, k=k, m=m, scattered=True)
+        t0 = time.perf_counter()
+        y = qeft_tpu.qeft_matmul(x, qw, s, z, weak, idx, bits=bits, group_size=g, interpret=interpret)
+        err = rel_err(y, qeft_matmul_ref(x, qw, s, z, weak, idx, bits=bits, group_size=g))
+        worst = max(worst, err)
+        print(f"{'tpu-intp' if interpret else 'tpu':9s} {out:>5}x{n:<5} bits={bits} g={g:<3} k={k:<3} "
+              f"M={m:<2} bfloat16 rel_err={err:.2e} ({time.perf_counter() - t0:.1f}s)")
+    return worst
+
+
+def tpu_lowering_checks(quick: bool, bits: int, group: int, k: int) -> tuple[bool, int]:
+    """jax.export for TPU of every (bits, group, M) config, plus the timed shapes (prepared layout)."""
+    configs = [{"out": 200, "n": 576, "bits": b, "group_size": g, "k": kk, "m": m}
+               for b, g, (m, kk) in itertools.product((2, 3, 4), (32, 64, 128),
+                                                      ((1, 5), (8, 0), (24, 16)))]
+    ms = (1,) if quick else (1, 8, 512)
+    configs += [{"out": o, "n": n, "bits": bits, "group_size": group, "k": k, "m": m, "prepared": True}
+                for (o, n), m in itertools.product(TPU_SHAPES, ms)]
+    ok = True
+    for cfg in configs:
+        try:
+            lower_for_tpu(**cfg)
+        except Exception as e:  # noqa: BLE001 - report every failing config
+            ok = False
+            print(f"TPU LOWERING FAILED {cfg}: {type(e).__name__}: {str(e)[:300]}")
+    print(f"TPU lowering (jax.export, platforms=['tpu']): {len(configs)} configs, "
+          f"{'all ok' if ok else 'FAILURES'}")
+    return ok, len(configs)
+
+
+def tpu_time_shape(out, n, m, bits, group, k, reps):
+    """One shape on a TPU: the kernel on a layout prepared once, a bf16 dot, dequantize + dot."""
+    x, qw, s, z, weak, idx = random_inputs(out, n, bits=bits, group_size=group, k=k, m=m,
+                                           scattered=True)
+    lay = jax.jit(lambda *a: qeft_tpu.prepare(*a, bits=bits, group_size=group, in_features=n))(
+        qw, s, z, weak, idx)
+    kern = jax.jit(lambda x, lay: qeft_tpu.matmul_prepared(x, lay))
+    deq = jax.jit(lambda *a: dequant_matmul(*a, bits=bits, group_size=group))
+    w = jax.random.normal(jax.random.key(0), (n, out), jnp.bfloat16)
+    dense = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+    t_k = _time(kern, (x, lay), reps)
+    t_d = _time(deq, (x, qw, s, z, weak, idx), reps)
+    t_b = _time(dense, (x, w), reps)
+    err = rel_err(kern(x, lay), qeft_matmul_ref(x, qw, s, z, weak, idx, bits=bits, group_size=group))
+    need = gemv_bytes(out, n, bits=bits, group=group, k=k, m=m, scale_bytes=4)
+    moved = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(lay)) + 2 * m * (n + out)
+    return {"us": t_k * 1e6, "us_bf16": t_b * 1e6, "us_dequant": t_d * 1e6, "bytes": need,
+            "bytes_layout": moved, "gbps": need / t_k / 1e9, "speedup_vs_bf16": t_b / t_k,
+            "speedup_vs_dequant": t_d / t_k, "rel_err": err}
+
+
+def tpu_section(args, summary: dict) -> None:
+    t0 = time.perf_counter()
+    summary["tpu_interpret_max_rel_err"] = tpu_correctness_checks(args.quick, interpret=True)
+    ok, nconf = tpu_lowering_checks(args.quick, args.bits, args.group, args.k)
+    summary["lowers_for_tpu"] = ok
+    summary["tpu_lowering_configs"] = nconf
+    tpu = jax.devices()[0].device_kind if jax.default_backend() == "tpu" else None
+    summary["tpu"] = tpu
+    print(f"TPU checks took {time.perf_counter() - t0:.1f}s")
+    if tpu is None:
+        return
+    summary["tpu_check_max_rel_err"] = tpu_correctness_checks(False, interpret=False)
+    peak = next((bw for sub, bw in TPU_HBM_PEAK if sub in tpu.lower()), None)
+    reps = args.reps or (5 if args.quick else 20)
+    rows = {}
+    print(f"\nTPU '{tpu}' HBM peak {peak / 1e9 if peak else float('nan'):.0f} GB/s; bits={args.bits} "
+          f"g={args.group} k={args.k}")
+    for (out, n), m in itertools.product(TPU_SHAPES, args.m or ([1] if args.quick else [1, 8])):
+        r = tpu_time_shape(out, n, m, args.bits, args.group, args.k, reps)
+        r["pct_roofline"] = 100 * r["gbps"] * 1e9 / peak if peak else None
+        rows[f"{out}x{n}_M{m}"] = r
+        print(f"{out:>6}x{n:<6} {m:>2} {r['us']:9.1f}us {r['gbps']:7.0f} GB/s bf16 {r['us_bf16']:8.1f}us "
+              f"deq+dot {r['us_dequant']:8.1f}us rel_err {r['rel_err']:.1e}")
+    summary["tpu_rows"] = {name: {kk: (round(v, 4) if isinstance(v, float) else v)
+                                  for kk, v in r.items()} for name, r in rows.items()}
+    summary["tpu_max_rel_err"] = max(r["rel_err"] for r in rows.values())
+    summary["timed"] = True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer checks / repetitions")
@@ -276,7 +410,11 @@ def main(argv=None) -> int:
     summary["lowering_configs"] = nconf
     summary["gpu"] = gpu
     print(f"checks took {time.perf_counter() - t0:.1f}s")
+    tpu_section(args, summary)
 
+    if gpu is None and summary.get("tpu"):
+        print(json.dumps(summary))
+        return 0
     if gpu is None:
         if args.autotune:
             print("--autotune needs a GPU: no GPU found, nothing can be timed; table unchanged.")

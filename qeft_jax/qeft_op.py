@@ -1,36 +1,75 @@
 """The QEFT linear op with its efficient backward (paper section 3.3, Fig. 4).
 
-Forward: y = dequant(W_q)·x + W_weak·x[weak_idx]   (Pallas kernel on GPU, XLA reference elsewhere)
+Forward: y = dequant(W_q)·x + W_weak·x[weak_idx]   (Pallas-Triton kernel on GPU, Pallas-Mosaic kernel
+on TPU, the XLA reference elsewhere: ``resolve_backend`` is the one place that picks)
 Backward: dX flows through the full dequantized weight; dW_weak = dYᵀ · X_weak only. The residual
 saved for the backward pass is X_weak ([..., k]), never the full X, so activation memory for the
 linear's weight gradient is k / in_features of a LoRA/full fine-tune's.
 """
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.qeft_gemv import qeft_matmul
+from pallas_kernels import qeft_gemv, qeft_tpu
 from qeft_jax.packing import dequantize, qeft_matmul_ref
 
+BACKEND_ENV = "QEFT_JAX_BACKEND"
+# xla: dequantize + XLA dot (the reference); triton: pallas_kernels.qeft_gemv (GPU); mosaic:
+# pallas_kernels.qeft_tpu (TPU); *_interpret: the same kernels run by the Pallas interpreter on any
+# device (CPU included: slow, for checking); auto: by platform.
+BACKENDS = ("auto", "xla", "triton", "mosaic", "triton_interpret", "mosaic_interpret")
+ALIASES = {"pallas": "triton"}  # the GPU kernel's earlier name
 
-def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend):
-    # The kernel needs every packed word inside at most two groups (group_size >= values per word);
-    # smaller groups take the reference path.
-    if backend == "pallas" and group_size >= 32 // bits:
-        return qeft_matmul(x, qweight, scales, zeros, weak, weak_idx, bits=bits, group_size=group_size)
-    return qeft_matmul_ref(x, qweight, scales, zeros, weak, weak_idx, bits=bits, group_size=group_size)
+
+def resolve_backend(backend: str | None = None) -> str:
+    """The one place the forward implementation is chosen. An explicit backend wins; None or 'auto'
+    takes $QEFT_JAX_BACKEND if set, else the platform of jax.default_backend(): gpu -> 'triton',
+    tpu -> 'mosaic', anything else -> 'xla'. Returns a concrete name (never 'auto' or an alias)."""
+    if backend is None or backend == "auto":
+        backend = os.environ.get(BACKEND_ENV) or "auto"
+        where = f"${BACKEND_ENV}"
+    else:
+        where = "backend"
+    backend = ALIASES.get(backend, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"{where} must be one of {BACKENDS + tuple(ALIASES)}, got {backend!r}")
+    if backend == "auto":
+        return {"gpu": "triton", "tpu": "mosaic"}.get(jax.default_backend(), "xla")
+    return backend
+
+
+def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout=None):
+    backend = resolve_backend(backend)
+    args = (x, qweight, scales, zeros, weak, weak_idx)
+    kw = {"bits": bits, "group_size": group_size}
+    # Configs a kernel does not take go to the reference: the Triton kernel needs every packed word
+    # inside at most two groups (group_size >= values per word); the Mosaic one see qeft_tpu.supports.
+    if backend in ("triton", "triton_interpret") and group_size >= 32 // bits:
+        return qeft_gemv.qeft_matmul(*args, **kw, interpret=backend == "triton_interpret")
+    if backend in ("mosaic", "mosaic_interpret") and tpu_layout is not None:
+        # the packed part laid out once at load time (qlinear.prepare_tpu); weak stays trainable
+        return qeft_tpu.matmul_prepared(x, tpu_layout, weak, weak_idx,
+                                        interpret=backend == "mosaic_interpret")
+    if backend in ("mosaic", "mosaic_interpret") and qeft_tpu.supports(
+            bits=bits, group_size=group_size, in_features=x.shape[-1]):
+        return qeft_tpu.qeft_matmul(*args, **kw, interpret=backend == "mosaic_interpret")
+    return qeft_matmul_ref(*args, **kw)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def qeft_linear(x, qweight, scales, zeros, weak, weak_idx, bits: int, group_size: int, backend: str):
-    return _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend)
+def qeft_linear(x, qweight, scales, zeros, weak, weak_idx, bits: int, group_size: int, backend: str,
+                tpu_layout=None):
+    """tpu_layout: an optional ``qeft_tpu.TPULayout`` of the same packed tensors, prepared without the
+    weak columns, that the Mosaic backends use instead of re-laying the weights out per call."""
+    return _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout)
 
 
-def _fwd(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend):
-    y = _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend)
+def _fwd(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout=None):
+    y = _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout)
     x_weak = jnp.take(x, weak_idx, axis=-1)
     # Only X_weak is saved; x itself is kept as a shape/dtype-only stand-in (no data).
     x_aval = jnp.zeros((0,) + x.shape[-1:], x.dtype)
@@ -45,7 +84,8 @@ def _bwd(bits, group_size, backend, res, dy):
     w = w.at[:, weak_idx].add(weak.astype(jnp.float32))
     dx = jnp.einsum("...o,oi->...i", dy.astype(jnp.float32), w).astype(x_aval.dtype)
     d_weak = jnp.einsum("...o,...k->ok", dy.astype(jnp.float32), x_weak.astype(jnp.float32))
-    return (dx, None, jnp.zeros_like(scales), jnp.zeros_like(zeros), d_weak.astype(weak.dtype), None)
+    return (dx, None, jnp.zeros_like(scales), jnp.zeros_like(zeros), d_weak.astype(weak.dtype), None,
+            None)
 
 
 qeft_linear.defvjp(_fwd, _bwd)
