@@ -145,14 +145,19 @@ def lowering_checks(quick: bool, bits: int, group: int, k: int) -> tuple[bool, i
     ms = (1,) if quick else (1, 8)
     configs += [dict(out=o, n=n, bits=bits, group_size=group, k=k, m=m)
                 for (o, n), m in itertools.product(SHAPES, ms)]
+    return lower_all(lower_for_cuda, configs, "cuda")
+
+
+def lower_all(lower, configs: list[dict], platform: str) -> tuple[bool, int]:
+    """(every config lowered?, how many) for `lower(**config)`; each failure is printed."""
     ok = True
     for cfg in configs:
         try:
-            lower_for_cuda(**cfg)
+            lower(**cfg)
         except Exception as e:  # noqa: BLE001 - report every failing config
             ok = False
-            print(f"LOWERING FAILED {cfg}: {type(e).__name__}: {str(e)[:300]}")
-    print(f"CUDA lowering (jax.export, platforms=['cuda']): {len(configs)} configs, "
+            print(f"{platform.upper()} LOWERING FAILED {cfg}: {type(e).__name__}: {str(e)[:300]}")
+    print(f"{platform.upper()} lowering (jax.export, platforms=['{platform}']): {len(configs)} configs, "
           f"{'all ok' if ok else 'FAILURES'}")
     return ok, len(configs)
 
@@ -315,16 +320,7 @@ def tpu_lowering_checks(quick: bool, bits: int, group: int, k: int) -> tuple[boo
     ms = (1,) if quick else (1, 8, 512)
     configs += [{"out": o, "n": n, "bits": bits, "group_size": group, "k": k, "m": m, "prepared": True}
                 for (o, n), m in itertools.product(TPU_SHAPES, ms)]
-    ok = True
-    for cfg in configs:
-        try:
-            lower_for_tpu(**cfg)
-        except Exception as e:  # noqa: BLE001 - report every failing config
-            ok = False
-            print(f"TPU LOWERING FAILED {cfg}: {type(e).__name__}: {str(e)[:300]}")
-    print(f"TPU lowering (jax.export, platforms=['tpu']): {len(configs)} configs, "
-          f"{'all ok' if ok else 'FAILURES'}")
-    return ok, len(configs)
+    return lower_all(lower_for_tpu, configs, "tpu")
 
 
 def tpu_time_shape(out, n, m, bits, group, k, reps):
