@@ -46,8 +46,15 @@ from qeft_jax.checkpoint import build_model
 from qeft_jax.config import ModelConfig
 from qeft_jax.recipes import make_recipe
 from train.lora import apply_lora
-from train.trainer import METHODS, TRAINABLE, TrainConfig, make_optimizer, make_step_fns, param_dtype
-from train.trainer import split_trainable
+from train.trainer import (
+    METHODS,
+    TRAINABLE,
+    TrainConfig,
+    make_optimizer,
+    make_step_fns,
+    param_dtype,
+    split_trainable,
+)
 
 QUANTIZED = ("qeft", "qlora")
 
