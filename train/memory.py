@@ -126,6 +126,12 @@ def abstract_state(cfg: ModelConfig, method: str, **model_kw: Any) -> tuple[Any,
     return graphdef, trainable, frozen
 
 
+def optimizer_state(trainable: Any) -> Any:
+    """The trainer's optimizer state for `trainable`, shape-only (jax.eval_shape of its init)."""
+    tx, _ = make_optimizer(1e-5, TrainConfig(model="", out=""))
+    return jax.eval_shape(tx.init, trainable)
+
+
 def _with_sharding(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -137,7 +143,7 @@ def step_memory(cfg: ModelConfig, method: str, *, batch: int = 1, seq_len: int =
     'data') and the XLA figures are per device."""
     graphdef, trainable, frozen = abstract_state(cfg, method, **model_kw)
     tx, _ = make_optimizer(1e-5, TrainConfig(model="", out=""))
-    opt = jax.eval_shape(tx.init, trainable)
+    opt = optimizer_state(trainable)
     tokens = jax.ShapeDtypeStruct((1, batch, seq_len), jnp.int32)
     weights = jax.ShapeDtypeStruct((1, batch, seq_len), jnp.float32)
     args = [trainable, opt, frozen, tokens, weights]
