@@ -58,7 +58,7 @@ def test_methods_order(steps):
 
 
 def test_fsdp_bytes_split_what_divides():
-    _, trainable, frozen = abstract_state(CFG, "full", dtype=jnp.bfloat16)
+    _, trainable, _ = abstract_state(CFG, "full", dtype=jnp.bfloat16)
     whole = tree_bytes(trainable)
     assert fsdp_bytes(trainable, 1) == whole
     # every full-model leaf has an axis divisible by 2 (all dims here are even)
