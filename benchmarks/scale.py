@@ -134,9 +134,8 @@ def write_synthetic_fp(out: Path, cfg: ModelConfig, seed: int = 0) -> int:
 
 def quant_child(a: argparse.Namespace) -> None:
     """In a child process: quantize --fp into --q and print the timings and this process's peak."""
-    from qeft_jax.quant.pipeline import (
-        quantize_checkpoint,  # child only: keeps the parent lean
-    )
+    # only the child needs the pipeline
+    from qeft_jax.quant.pipeline import quantize_checkpoint
 
     cfg = ModelConfig.from_json_file(Path(a.fp) / "config.json")
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (a.samples, a.calib_len))
