@@ -144,30 +144,60 @@ def quant_child(a: argparse.Namespace) -> None:
     quantize_checkpoint(Path(a.fp), Path(a.q), make_recipe("qeft", k=a.k, group_size=a.group_size), ids,
                         batch_size=1, progress=False, on_block=lambda i, s: blocks.append(s))
     total = time.perf_counter() - t0
-    status = Path("/proc/self/status").read_text()
-    hwm = next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
-    print("RESULT " + json.dumps({"seconds": total, "block_s": blocks, "vmhwm_kb": hwm}), flush=True)
+    print("RESULT " + json.dumps({"seconds": total, "block_s": blocks, "vmhwm": _vmhwm()}), flush=True)
 
 
-def run_quantization(fp: Path, q: Path, samples: int, calib_len: int, k: int, group_size: int) -> dict:
-    """One quantization in a child process: its seconds and its peak RSS (os.wait4's ru_maxrss)."""
+def _vmhwm() -> int:
+    """This process's peak RSS so far (bytes), from /proc/self/status."""
+    for ln in Path("/proc/self/status").read_text().splitlines():
+        if ln.startswith("VmHWM:"):
+            return int(ln.split()[1]) * 1024
+    return 0
+
+
+def linear_child(a: argparse.Namespace) -> None:
+    """In a child process: the host memory `quantize_linear` (grid search + OPTQ) adds for one
+    [out, in] linear, random weight and Hessian; prints the peak before and after."""
+    # only the child needs the pipeline
+    from qeft_jax.quant.pipeline import quantize_linear
+
+    out, inp = (int(v) for v in a.linear.split("x"))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((out, inp), np.float32) * np.float32(0.02)
+    x = rng.standard_normal((256, inp), np.float32)
+    h = 2 * x.T @ x / x.shape[0]
+    del x
+    recipe = make_recipe("qeft", k=a.k, group_size=a.group_size)
+    before = _vmhwm()
+    t0 = time.perf_counter()
+    quantize_linear(w, h, np.arange(a.k, dtype=np.int32), recipe)
+    print("RESULT " + json.dumps({"before": before, "after": _vmhwm(), "seconds": time.perf_counter() - t0}),
+          flush=True)
+
+
+def run_child(args: list[str]) -> tuple[dict, int]:
+    """Run this script with `args` in a child process: (its RESULT json, its peak RSS in bytes as
+    the kernel reports it to os.wait4 for that one child)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, __file__, "--quant-child", "--fp", str(fp), "--q", str(q),
-                              "--samples", str(samples), "--calib-len", str(calib_len), "--k", str(k),
-                              "--group-size", str(group_size)], stdout=out, stderr=err, env=os.environ.copy())
+        p = subprocess.Popen([sys.executable, __file__, *args], stdout=out, stderr=err, env=os.environ.copy())
         _, status, usage = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         lines = [ln for ln in out.read().splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not lines:
-            raise RuntimeError(f"quantization child failed ({p.returncode}):\n{err.read()[-3000:]}")
-    r = json.loads(lines[0][len("RESULT "):])
-    peak = usage.ru_maxrss * 1024   # Linux: kilobytes
+            raise RuntimeError(f"child {args[0]} failed ({p.returncode}):\n{err.read()[-3000:]}")
+    return json.loads(lines[0][len("RESULT "):]), usage.ru_maxrss * 1024   # Linux: ru_maxrss in KiB
+
+
+def run_quantization(fp: Path, q: Path, samples: int, calib_len: int, k: int, group_size: int) -> dict:
+    """One quantization in a child process: its seconds and its peak RSS."""
+    r, peak = run_child(["--quant-child", "--fp", str(fp), "--q", str(q), "--samples", str(samples),
+                         "--calib-len", str(calib_len), "--k", str(k), "--group-size", str(group_size)])
     return {"samples": samples, "calib_len": calib_len, "tokens": samples * calib_len,
             "seconds": round(r["seconds"], 2), "block_s": [round(s, 2) for s in r["block_s"]],
             "peak_rss_bytes": peak, "peak_rss_gb": round(peak / GB, 3),
-            "vmhwm_gb": round(r["vmhwm_kb"] * 1024 / GB, 3) if r["vmhwm_kb"] else None}
+            "vmhwm_gb": round(r["vmhwm"] / GB, 3)}
 
 
 def packed_block_bytes(cfg: ModelConfig, k: int, group_size: int) -> int:
@@ -236,6 +266,13 @@ def quant_section(shape: dict[str, int], calib: list[tuple[int, int]], k: int, g
             (last["peak_rss_bytes"] + slope * extra + 30 * packed) / GB, 3)
         res["block_s_full_calib_extrapolated"] = round(block_s + tslope * extra, 1)
         res["time_32_blocks_full_calib_s_extrapolated"] = round(32 * (block_s + tslope * extra) + 16 * other_s, 1)
+    ffn = cfg.intermediate_size
+    lin, _ = run_child(["--linear-child", "--linear", f"{cfg.hidden_size}x{ffn}", "--k", str(k),
+                        "--group-size", str(group_size)])
+    res["down_proj_quantize_linear"] = {"shape": [cfg.hidden_size, ffn], "seconds": round(lin["seconds"], 1),
+                                        "added_peak_gb": round((lin["after"] - lin["before"]) / GB, 3)}
+    log(f"quantize_linear of one [{cfg.hidden_size}, {ffn}] linear: +{res['down_proj_quantize_linear']['added_peak_gb']}"
+        f" GB over its inputs, {lin['seconds']:.0f} s")
     budget = rss_budget(llama3(shape), full_tokens, k, group_size)
     res["rss_budget_full_calib_32_blocks_gb"] = {name: round(b / GB, 3) for name, b in budget.items()}
     res["rss_budget_full_calib_32_blocks_total_gb"] = round(sum(budget.values()) / GB, 3)
@@ -392,9 +429,9 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=2048)
-    for hidden in ("--quant-child", "--fsdp-child"):
+    for hidden in ("--quant-child", "--fsdp-child", "--linear-child"):
         p.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
-    for hidden in ("--fp", "--q", "--methods", "--counts"):
+    for hidden in ("--fp", "--q", "--methods", "--counts", "--linear"):
         p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--calib-len", type=int, default=None, help=argparse.SUPPRESS)
@@ -403,6 +440,8 @@ def main() -> None:
         return quant_child(a)
     if a.fsdp_child:
         return fsdp_child(a)
+    if a.linear_child:
+        return linear_child(a)
 
     t_start = time.perf_counter()
     res: dict[str, Any] = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
