@@ -23,8 +23,11 @@ The fields of a `StepMemory` (bytes):
   total        arguments + outputs + temporaries - aliased: the step's peak footprint as XLA
                plans it (the same formula as benchmarks/train_step.py's mem_mb)
 
-These are the backend's compiled plan (CPU here unless run on an accelerator), not a measured peak:
-XLA:GPU fuses and schedules differently, so temporaries there differ somewhat.
+These are the backend's compiled plan, not a measured peak. On CPU two things inflate the
+temporaries against an accelerator: XLA:CPU upcasts bf16 matmul operands to float32 (float32 copies
+of weights and activations), and its default scheduler optimises for concurrency, keeping much more
+alive at once (4 blocks of the 8B with remat: 17.0 GB of temporaries, 6.8 GB with
+XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false, which benchmarks/scale.py sets).
 
 With a mesh (`qeft_jax.sharding.make_mesh`), the inputs carry the trainer's FSDP shardings and
 the compiled SPMD program's memory_analysis is per device; `fsdp_bytes` gives the per-device
