@@ -384,7 +384,15 @@ def fsdp_child(a: argparse.Namespace) -> None:
     out: dict[str, Any] = {}
     for method in a.methods.split(","):
         tried = []
+        _, trainable, frozen = abstract_state(llama3(LLAMA3_70B), method, dtype=jnp.bfloat16, k=a.k,
+                                              lora_rank=a.lora_rank)
+        opt = optimizer_state(trainable)
         for n in [int(x) for x in a.counts.split(",")]:
+            state = fsdp_bytes(frozen, n) + fsdp_bytes(trainable, n) + fsdp_bytes(opt, n)
+            if state > DEVICE_BYTES:  # exact: the sharded state alone does not fit, nothing to compile
+                tried.append({"devices": n, "state_per_device_gb": round(state / GB, 2), "compiled": False})
+                print(f"70B {method} on {n}: state alone {state / GB:.1f} GB per device", file=sys.stderr, flush=True)
+                continue
             mesh = shd.make_mesh(data=n)
             tot = {}
             for blocks in (2, 4):
@@ -393,12 +401,13 @@ def fsdp_child(a: argparse.Namespace) -> None:
                 tot[blocks] = r.total
             per_block = (tot[4] - tot[2]) / 2
             per_device = tot[2] + per_block * (layers - 2)
-            tried.append({"devices": n, "per_device_gb": round(per_device / GB, 2),
+            tried.append({"devices": n, "compiled": True, "per_device_gb": round(per_device / GB, 2),
+                          "state_per_device_gb": round(state / GB, 2),
                           "per_block_gb": round(per_block / GB, 3), "fixed_gb": round((tot[2] - 2 * per_block) / GB, 3)})
             print(f"70B {method} on {n}: {per_device / GB:.1f} GB per device", file=sys.stderr, flush=True)
             if per_device <= DEVICE_BYTES:
                 break
-        fits = tried[-1]["per_device_gb"] * GB <= DEVICE_BYTES
+        fits = tried[-1].get("per_device_gb", float("inf")) * GB <= DEVICE_BYTES
         out[method] = {"devices": tried[-1]["devices"] if fits else None, "tried": tried}
     print("RESULT " + json.dumps(out), flush=True)
 
