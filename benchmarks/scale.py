@@ -11,7 +11,9 @@ and a 70B model, from abstract compilation (issue 14, items 3 and 5).
    high-water mark of that one child) and, as a cross-check, the VmHWM the child reads from
    /proc/self/status before it exits. Two calibration sizes are run, so the bytes each calibration
    token adds to the peak, and the seconds it adds per block, are measured (a line through the
-   two points), not assumed. Extrapolations (keys `*_extrapolated`):
+   two points); where the peak did not grow between them (run-to-run noise larger than the
+   activations), the 4 float32 copies per token of `rss_budget` are used and
+   `rss_per_token_source` says so. Extrapolations (keys `*_extrapolated`):
      time 32 blocks  = 32 x (seconds per block)  +  16 x (everything else: the selection pass over
                        the 2 blocks, reading/permuting the embeddings, writing; an upper bound,
                        since the reading and writing of the top tensors does not scale)
@@ -19,7 +21,7 @@ and a 70B model, from abstract compilation (issue 14, items 3 and 5).
                        block in memory until the final write: that part scales with blocks; the
                        float32 embeddings/lm_head, one block's fp weights and Hessians and the
                        calibration activations do not)
-     RSS at 128 x 2048 calibration tokens = measured peak + slope x (extra tokens)
+     RSS at 128 x 2048 calibration tokens = highest measured peak + per-token bytes x (extra tokens)
    `rss_budget` lists the buffers the pipeline holds at its peak, computed from the shapes, so a
    missed target names what breaks it.
 
@@ -251,9 +253,28 @@ def quant_section(shape: dict[str, int], calib: list[tuple[int, int]], k: int, g
         log(f"quantized 2 blocks on {n}x{t} tokens: {r['seconds']} s (blocks {r['block_s']}), "
             f"peak RSS {r['peak_rss_gb']} GB")
         runs.append(r)
-    res: dict[str, Any] = {"shape": {**shape, "num_hidden_layers": 2}, "k": k, "group_size": group_size,
-                           "bits": 4, "storage": "bfloat16", "checkpoint_bytes": size, "runs": runs}
+    ffn = cfg.intermediate_size
+    lin, _ = run_child(["--linear-child", "--linear", f"{cfg.hidden_size}x{ffn}", "--k", str(k),
+                        "--group-size", str(group_size)])
+    log(f"quantize_linear of one [{cfg.hidden_size}, {ffn}] linear: "
+        f"+{(lin['after'] - lin['before']) / GB:.2f} GB over its inputs, {lin['seconds']:.0f} s")
+    return summarize_quant({"shape": {**shape, "num_hidden_layers": 2}, "k": k, "group_size": group_size,
+                            "bits": 4, "storage": "bfloat16", "checkpoint_bytes": size, "runs": runs,
+                            "down_proj_quantize_linear": {
+                                "shape": [cfg.hidden_size, ffn], "seconds": round(lin["seconds"], 1),
+                                "added_peak_gb": round((lin["after"] - lin["before"]) / GB, 3)}})
+
+
+def summarize_quant(raw: dict[str, Any]) -> dict[str, Any]:
+    """The derived figures of quant_section from its measurements (`raw`: shape, k, group_size,
+    checkpoint_bytes, runs, down_proj_quantize_linear); see the module docstring."""
+    shape, k, group_size, runs = raw["shape"], raw["k"], raw["group_size"], raw["runs"]
+    keep = ("shape", "k", "group_size", "bits", "storage", "checkpoint_bytes", "runs", "down_proj_quantize_linear")
+    res = {key: raw[key] for key in keep}
+    cfg = llama3(shape)  # the measured 2-block model
+    full = llama3({**shape, "num_hidden_layers": 32})
     last = runs[-1]
+    peak = max(r["peak_rss_bytes"] for r in runs)
     block_s = float(np.mean(last["block_s"]))
     other_s = last["seconds"] - sum(last["block_s"])
     res["block_s"] = round(block_s, 2)
@@ -261,35 +282,36 @@ def quant_section(shape: dict[str, int], calib: list[tuple[int, int]], k: int, g
     res["time_32_blocks_s_extrapolated"] = round(32 * block_s + 16 * other_s, 1)
     packed = packed_block_bytes(cfg, k, group_size)
     res["packed_block_bytes"] = packed
-    res["peak_rss_32_blocks_gb_extrapolated"] = round((last["peak_rss_bytes"] + 30 * packed) / GB, 3)
+    res["peak_rss_gb"] = round(peak / GB, 3)
+    res["peak_rss_32_blocks_gb_extrapolated"] = round((peak + 30 * packed) / GB, 3)
     full_tokens = FULL_CALIBRATION[0] * FULL_CALIBRATION[1]
+    analytic = 4 * cfg.hidden_size * 4   # rss_budget's 4 float32 copies of each token's activations
+    slope, tslope = float(analytic), 0.0
+    res["rss_per_token_source"] = "analytic (one calibration size measured)"
     if len(runs) >= 2 and runs[-1]["tokens"] != runs[0]["tokens"]:
         dt = runs[-1]["tokens"] - runs[0]["tokens"]
-        slope = (runs[-1]["peak_rss_bytes"] - runs[0]["peak_rss_bytes"]) / dt
+        measured = (runs[-1]["peak_rss_bytes"] - runs[0]["peak_rss_bytes"]) / dt
         tslope = (np.mean(runs[-1]["block_s"]) - np.mean(runs[0]["block_s"])) / dt
-        res["rss_bytes_per_calib_token"] = round(slope, 1)
-        res["f32_activation_copies_per_token"] = round(slope / (cfg.hidden_size * 4), 2)
+        res["rss_bytes_per_calib_token_measured"] = round(measured, 1)
         res["block_s_per_calib_token"] = float(f"{tslope:.3g}")
-        extra = full_tokens - last["tokens"]
-        res["peak_rss_full_calib_2_blocks_gb_extrapolated"] = round((last["peak_rss_bytes"] + slope * extra) / GB, 3)
-        res["peak_rss_full_calib_32_blocks_gb_extrapolated"] = round(
-            (last["peak_rss_bytes"] + slope * extra + 30 * packed) / GB, 3)
+        if measured > 0:
+            slope = measured
+            res["rss_per_token_source"] = "measured (two calibration sizes)"
+        else:  # the peak did not grow with the tokens: the difference is below run-to-run noise
+            res["rss_per_token_source"] = ("analytic: the measured slope was not positive (the activations "
+                                           "of these token counts are below the peak's run-to-run noise)")
+    res["rss_bytes_per_calib_token_used"] = round(slope, 1)
+    extra = full_tokens - last["tokens"]
+    res["peak_rss_full_calib_2_blocks_gb_extrapolated"] = round((peak + slope * extra) / GB, 3)
+    res["peak_rss_full_calib_32_blocks_gb_extrapolated"] = round((peak + slope * extra + 30 * packed) / GB, 3)
+    if tslope > 0:
         res["block_s_full_calib_extrapolated"] = round(block_s + tslope * extra, 1)
         res["time_32_blocks_full_calib_s_extrapolated"] = round(32 * (block_s + tslope * extra) + 16 * other_s, 1)
-    ffn = cfg.intermediate_size
-    lin, _ = run_child(["--linear-child", "--linear", f"{cfg.hidden_size}x{ffn}", "--k", str(k),
-                        "--group-size", str(group_size)])
-    res["down_proj_quantize_linear"] = {"shape": [cfg.hidden_size, ffn], "seconds": round(lin["seconds"], 1),
-                                        "added_peak_gb": round((lin["after"] - lin["before"]) / GB, 3)}
-    log(f"quantize_linear of one [{cfg.hidden_size}, {ffn}] linear: +{res['down_proj_quantize_linear']['added_peak_gb']}"
-        f" GB over its inputs, {lin['seconds']:.0f} s")
-    budget = rss_budget(llama3(shape), full_tokens, k, group_size)
+    budget = rss_budget(full, full_tokens, k, group_size)
     res["rss_budget_full_calib_32_blocks_gb"] = {name: round(b / GB, 3) for name, b in budget.items()}
     res["rss_budget_full_calib_32_blocks_total_gb"] = round(sum(budget.values()) / GB, 3)
-    measured = rss_budget(cfg, last["tokens"], k, group_size)
-    res["rss_budget_as_measured_gb"] = round(sum(measured.values()) / GB, 3)
-    target = res.get("peak_rss_full_calib_32_blocks_gb_extrapolated", res["peak_rss_32_blocks_gb_extrapolated"])
-    res["target_rss_under_6gb"] = bool(target < 6.0)
+    res["rss_budget_as_measured_gb"] = round(sum(rss_budget(cfg, last["tokens"], k, group_size).values()) / GB, 3)
+    res["target_rss_under_6gb"] = bool(res["peak_rss_full_calib_32_blocks_gb_extrapolated"] < 6.0)
     return res
 
 
@@ -448,6 +470,9 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--resummarize", default=None, metavar="LOG",
+                   help="recompute the derived quantization figures from the measurements in LOG's final "
+                        "JSON line (measures nothing) and print that line again")
     for hidden in ("--quant-child", "--fsdp-child", "--linear-child"):
         p.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--fp", "--q", "--methods", "--counts", "--linear"):
@@ -462,6 +487,11 @@ def main() -> None:
     if a.linear_child:
         return linear_child(a)
 
+    if a.resummarize:
+        prev = json.loads([ln for ln in Path(a.resummarize).read_text().splitlines() if ln.startswith("{")][-1])
+        prev["quant"] = summarize_quant(prev["quant"])
+        print(json.dumps(prev))
+        return None
     t_start = time.perf_counter()
     res: dict[str, Any] = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
                            "quick": a.quick, "k": a.k, "lora_rank": a.lora_rank, "batch": 1, "seq_len": a.seq_len,
