@@ -52,9 +52,9 @@ All XLA figures are the plan of the backend the script runs on (`backend`). On C
 bf16 matmul operands to float32, which adds float32 copies of weights and activations to the
 temporaries that a GPU would not have; run it on the accelerator for GPU figures.
 
---quick: the abstract 8B compilations with remat only, decode at batch 1 and 8, the 70B fit for
-qeft and qlora, and one quantization of a quarter-width block (hidden 1024, FFN 3584) at one
-calibration size. The final line is JSON.
+--quick: the abstract 8B compilations with remat only, decode (qeft and fp) at batch 1 and 8, the
+70B fit for qeft (up to 8 devices), and one quantization of a quarter-width block (hidden 1024,
+FFN 3584) at one calibration size. The final line is JSON.
 """
 from __future__ import annotations
 
@@ -372,10 +372,14 @@ def decode_memory(cfg: ModelConfig, kind: str, *, batch: int, cache_len: int, ma
     return r
 
 
-def decode_section(cfg: ModelConfig, batches: tuple[int, ...], k: int, lora_rank: int) -> dict:
+DECODE_KINDS = ("qeft", "qlora", "fp")
+
+
+def decode_section(cfg: ModelConfig, batches: tuple[int, ...], k: int, lora_rank: int,
+                   kinds: tuple[str, ...] = DECODE_KINDS) -> dict:
     out: dict[str, dict] = {}
     for b in batches:
-        for kind in ("qeft", "qlora", "fp"):
+        for kind in kinds:
             r = decode_memory(cfg, kind, batch=b, cache_len=2048, max_new=256, k=k, lora_rank=lora_rank)
             out.setdefault(f"batch_{b}", {})[kind] = r
             log(f"8B decode {kind:>5} batch {b}: total {r['total'] / GB:6.2f} GB (weights {r['weights'] / GB:.2f}, "
@@ -501,13 +505,13 @@ def main() -> None:
         remats = (True,) if a.quick else (False, True)
         res["train_8b"], res["ratios_8b"], res["targets_8b"] = train_section(
             cfg, remats=remats, batch=1, seq_len=a.seq_len, k=a.k, lora_rank=a.lora_rank)
-        res["decode_8b"] = decode_section(cfg, (1, 8), a.k, a.lora_rank)
+        res["decode_8b"] = decode_section(cfg, (1, 8), a.k, a.lora_rank, ("qeft", "fp") if a.quick else DECODE_KINDS)
         res["extrapolation_check_8b"] = extrapolation_check(
             LLAMA3_8B, "qeft", a.k, a.lora_rank, res["train_8b"]["remat"]["qeft"]["total"])
         log(f"8B per-block extrapolation check: {res['extrapolation_check_8b']}")
     if not a.no_70b:
-        methods = ("qeft", "qlora") if a.quick else METHODS
-        res["fsdp_70b"] = fsdp_section(methods, (1, 2, 4, 8, 16, 32), a.k, a.lora_rank)
+        methods, counts = (("qeft",), (1, 2, 4, 8)) if a.quick else (METHODS, (1, 2, 4, 8, 16, 32))
+        res["fsdp_70b"] = fsdp_section(methods, counts, a.k, a.lora_rank)
     if not a.no_quant:
         calib = [tuple(int(v) for v in c.split("x")) for c in (a.calib or ("1x256" if a.quick else "2x512,4x512")).split(",")]
         with tempfile.TemporaryDirectory() as tmp:
