@@ -45,8 +45,9 @@ and a 70B model, from abstract compilation (issue 14, items 3 and 5).
    (XLA_FLAGS=--xla_force_host_platform_device_count) compiles the sharded step of a model with
    the 70B widths and 2 and 4 blocks; memory_analysis of an SPMD program is per device, and the
    per-device total is extended linearly in the number of blocks to 80 (`per_block` and `fixed`
-   are the fitted terms). `extrapolation_check_8b` tests that linear extension on the 8B: 2- and
-   4-block compiles extended to 32 against the real 32-block compile.
+   are the fitted terms). A device count whose sharded state alone (exact, `train.memory.fsdp_bytes`)
+   exceeds 80 GB is recorded without compiling. `extrapolation_check_8b` tests that linear
+   extension on the 8B: 2- and 4-block compiles extended to 32 against the real 32-block compile.
 
 All XLA figures are the plan of the backend the script runs on (`backend`). On CPU, XLA upcasts
 bf16 matmul operands to float32, which adds float32 copies of weights and activations to the
