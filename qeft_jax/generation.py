@@ -138,13 +138,18 @@ def _decode_impl(graphdef, state, cache, last_logits, mask, stop, key, temperatu
     return out, n
 
 
+def decode_program(*, donate_cache: bool) -> Any:
+    """The jitted decode loop `generate` runs, the KV cache donated or not; also for lowering it on
+    shape-only inputs (benchmarks/scale.py)."""
+    return jax.jit(_decode_impl, static_argnames=("graphdef", "max_new", "greedy", "nucleus"),
+                   donate_argnames=("cache",) if donate_cache else ())
+
+
 @functools.cache
 def _programs():
     """(prefill, decode) jitted; the cache is donated to the decode loop where the backend can."""
-    donate = ("cache",) if jax.default_backend() != "cpu" else ()
     return (jax.jit(_prefill_impl, static_argnames=("graphdef", "max_new")),
-            jax.jit(_decode_impl, static_argnames=("graphdef", "max_new", "greedy", "nucleus"),
-                    donate_argnames=donate))
+            decode_program(donate_cache=jax.default_backend() != "cpu"))
 
 
 # ------------------------------------------------------------------ host side

@@ -174,14 +174,19 @@ def check_method(info: CheckpointInfo, method: str) -> None:
         raise ValueError(f"{info.path} was quantized with k=0 weak columns: nothing to fine-tune")
 
 
+def param_dtype(method: str, dtype: Any) -> Any:
+    """The dtype the model's fp (non-packed) variables are held in for `method`: fp methods export
+    every tensor, so lora/full keep the frozen fp params in float32 (none is rounded); qeft/qlora
+    hold them (embeddings, norms, lm_head) in the compute dtype."""
+    return jnp.float32 if method in ("lora", "full") else dtype
+
+
 def build_model(model_dir: Path, method: str, *, dtype: Any, lora_rank: int, lora_alpha: float,
                 seed: int) -> tuple[nnx.Module, Any, ModelConfig, CheckpointInfo]:
     """(model, tokenizer, config, checkpoint info) for a method: the checkpoint loaded, with LoRA
     adapters for lora/qlora."""
     check_method(read_info(model_dir), method)
-    # fp methods export every tensor: keep the frozen fp params in float32 so none is rounded
-    param_dtype = jnp.float32 if method in ("lora", "full") else dtype
-    model, info = load_checkpoint(model_dir, dtype=dtype, param_dtype=param_dtype)
+    model, info = load_checkpoint(model_dir, dtype=dtype, param_dtype=param_dtype(method, dtype))
     if method in ("lora", "qlora"):
         apply_lora(model, lora_rank, lora_alpha, seed)
     return model, tokenization.load_tokenizer(info.path), info.config, info
