@@ -267,10 +267,11 @@ def test_families_fp_export_loads_in_transformers(family, store, tmp_path):
 
 
 # --------------------------------------------------------------------------------- 4. quantization
-# CI runs qeft on every family and every method on the two most different ones (llama, gemma2);
-# QEFT_TEST_FULL=1 runs the whole family x method grid (all green when last run in full).
+# CI runs qeft on every family and every method on llama (AWQ's folding into Gemma's (1+w) norms
+# has its own exact test in test_quant.py); QEFT_TEST_FULL=1 runs the whole family x method grid
+# (all green when last run in full).
 QUANT_GRID = [(f, m) for f in FAMILIES for m in METHODS
-              if os.environ.get("QEFT_TEST_FULL") == "1" or m == "qeft" or f in ("llama", "gemma2")]
+              if os.environ.get("QEFT_TEST_FULL") == "1" or m == "qeft" or f == "llama"]
 
 
 @pytest.mark.parametrize("family,method", QUANT_GRID)
