@@ -102,7 +102,7 @@ from train.memory import (
     step_memory,
     tree_bytes,
 )
-from train.trainer import METHODS
+from train.trainer import METHODS, memory_figures
 
 GB = 1e9
 DEVICE_BYTES = 80 * GB   # an "80 GB" accelerator (A100/H100 80GB)
@@ -364,13 +364,11 @@ def decode_memory(cfg: ModelConfig, kind: str, *, batch: int, cache_len: int, ma
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     compiled = decode_program(donate_cache=True).lower(*args, max_new=max_new, greedy=True,
                                                        nucleus=False).compile()
-    m = compiled.memory_analysis()
-    r = {"kind": kind, "batch": batch, "cache_len": cache_len, "weights": tree_bytes(state),
-         "kv_cache": tree_bytes(cache), "arguments": int(m.argument_size_in_bytes),
-         "outputs": int(m.output_size_in_bytes), "aliased": int(m.alias_size_in_bytes),
-         "temporaries": int(m.temp_size_in_bytes), "compile_s": round(time.perf_counter() - t0, 2)}
-    r["total"] = r["arguments"] + r["outputs"] + r["temporaries"] - r["aliased"]
-    return r
+    m = memory_figures(compiled)
+    return {"kind": kind, "batch": batch, "cache_len": cache_len, "weights": tree_bytes(state),
+            "kv_cache": tree_bytes(cache), "arguments": m["argument_bytes"], "outputs": m["output_bytes"],
+            "aliased": m["alias_bytes"], "temporaries": m["temp_bytes"], "total": m["peak_bytes"],
+            "compile_s": round(time.perf_counter() - t0, 2)}
 
 
 DECODE_KINDS = ("qeft", "qlora", "fp")

@@ -64,13 +64,13 @@ def quantize_for_bench(fp: Path, out: Path, k: int, group_size: int) -> Path:
 
 
 def _memory(compiled) -> float | None:
+    from train.trainer import memory_figures  # noqa: PLC0415 - jax is imported inside functions here
+
     try:
-        m = compiled.memory_analysis()
-        total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                 - m.alias_size_in_bytes)
-        return round(total / 2**20, 2)
+        m = memory_figures(compiled)
     except Exception:  # noqa: BLE001 - not every backend implements it
         return None
+    return round(m["peak_bytes"] / 2**20, 2) if m else None
 
 
 def _gflops(compiled) -> float | None:

@@ -55,6 +55,7 @@ from train.trainer import (
     TrainConfig,
     make_optimizer,
     make_step_fns,
+    memory_figures,
     param_dtype,
     split_trainable,
 )
@@ -75,15 +76,12 @@ class StepMemory:
     outputs: int
     aliased: int
     temporaries: int
+    total: int           # arguments + outputs + temporaries - aliased (trainer.memory_figures' peak)
     trainable_params: int
     compile_s: float
 
-    @property
-    def total(self) -> int:
-        return self.arguments + self.outputs + self.temporaries - self.aliased
-
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "total": self.total}
+        return dataclasses.asdict(self)
 
 
 def tree_bytes(tree: Any) -> int:
@@ -158,12 +156,12 @@ def step_memory(cfg: ModelConfig, method: str, *, batch: int = 1, seq_len: int =
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
     seconds = time.perf_counter() - t0
-    m = compiled.memory_analysis()
+    m = memory_figures(compiled)
     if m is None:
         raise RuntimeError(f"the {jax.default_backend()} backend gives no memory_analysis()")
     return StepMemory(method=method, remat=remat, batch=batch, seq_len=seq_len, weights=tree_bytes(frozen),
                       trainable=tree_bytes(trainable), optimizer=tree_bytes(opt),
-                      arguments=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
-                      aliased=int(m.alias_size_in_bytes), temporaries=int(m.temp_size_in_bytes),
+                      arguments=m["argument_bytes"], outputs=m["output_bytes"], aliased=m["alias_bytes"],
+                      temporaries=m["temp_bytes"], total=m["peak_bytes"],
                       trainable_params=int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))),
                       compile_s=round(seconds, 2))

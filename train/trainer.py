@@ -268,11 +268,11 @@ def step_fns(graphdef: Any, lr: float, cfg: TrainConfig, mesh: Any = None):
     return _STEP_FNS[key]
 
 
-def compiled_memory(fn: Any, *args: Any) -> dict[str, int] | None:
-    """XLA's memory figures of jitted `fn` compiled for `args` (free once `fn` ran on such args):
-    arguments, outputs, temporaries and the peak they add up to (donated arguments alias outputs)."""
-    stats = fn.lower(*args).compile().memory_analysis()
-    if stats is None:  # not every backend reports it
+def memory_figures(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory figures of a compiled program: arguments, outputs, temporaries and the peak they
+    add up to (donated arguments alias outputs); None where the backend reports none."""
+    stats = compiled.memory_analysis()
+    if stats is None:
         return None
     m = {"argument_bytes": int(stats.argument_size_in_bytes), "output_bytes": int(stats.output_size_in_bytes),
          "alias_bytes": int(stats.alias_size_in_bytes), "temp_bytes": int(stats.temp_size_in_bytes)}
@@ -565,8 +565,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                         f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}; stopped. "
                         f"The last good state (after step {step}) is saved in {out / 'checkpoints'}; "
                         f"lower the learning rate or check the data, then rerun into a new --out")
-                if step == start:  # the step just run is compiled: reading its memory costs nothing
-                    step_memory = compiled_memory(train_step, trainable, opt_state, frozen, *args)
+                if step == start:  # the step just run is compiled: lowering it again costs nothing
+                    step_memory = memory_figures(train_step.lower(trainable, opt_state, frozen, *args).compile())
                 step_times.append(dt)
                 step += 1
                 last_loss = loss
