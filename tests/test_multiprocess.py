@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qeft_jax.io import SafetensorsReader
+from tests.subprocess_runs import REPO, child_env, kill_when_paused, run_ok, watched
 
-REPO = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("train_kill_child.py")
 TIMEOUT = 300
 
@@ -32,19 +30,11 @@ def _free_port() -> int:
 
 
 def _env(jax_cache: Path, rank: int | None = None, port: int | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QEFT_") and k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(jax_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    if rank is not None:
-        env.update(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", QEFT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   QEFT_NUM_PROCESSES="2", QEFT_PROCESS_ID=str(rank))
-    return env
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> None:
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    """A run's environment; with `rank`, that of process `rank` of a 2-process group."""
+    if rank is None:
+        return child_env(jax_cache)
+    return child_env(jax_cache, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                     QEFT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", QEFT_NUM_PROCESSES="2", QEFT_PROCESS_ID=str(rank))
 
 
 def _run_group(cmds: list[list[str]], jax_cache: Path, pause: str | None = None) -> None:
@@ -53,34 +43,12 @@ def _run_group(cmds: list[list[str]], jax_cache: Path, pause: str | None = None)
     port = _free_port()
     procs = [subprocess.Popen(c, env=_env(jax_cache, i, port), cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i, c in enumerate(cmds)]
-    watchdog = threading.Timer(TIMEOUT, lambda: [p.kill() for p in procs])  # never hang the suite
-    watchdog.start()
-    try:
-        if pause is None:
-            outs = [p.communicate() for p in procs]
-            for p, (o, e) in zip(procs, outs):
-                assert p.returncode == 0, f"rc {p.returncode}\n{o[-2000:]}\n{e[-4000:]}"
+    with watched(procs, TIMEOUT):
+        if pause is not None:
+            kill_when_paused(procs, pause)
             return
-        for p in procs:
-            seen = []
-            for line in p.stderr:
-                seen.append(line)
-                if line.strip() == f"PAUSED {pause}":
-                    break
-            else:
-                pytest.fail(f"a process ended (rc {p.wait()}) without reaching {pause}:\n" + "".join(seen[-30:]))
-        for p in procs:
-            os.kill(p.pid, signal.SIGKILL)
-        for p in procs:
-            assert p.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        watchdog.cancel()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            for f in (p.stdout, p.stderr):
-                f.close()
+        for p, (o, e) in zip(procs, [p.communicate() for p in procs]):
+            assert p.returncode == 0, f"rc {p.returncode}\n{o[-2000:]}\n{e[-4000:]}"
 
 
 def _tensors(d: Path) -> dict[str, np.ndarray]:
@@ -121,7 +89,7 @@ def setup(tiny_with_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
     cache = root / "jax_cache"
     q1 = root / "q_single"
-    _run(_quantize_cmd(model, calib, q1, 1), _env(cache))
+    run_ok(_quantize_cmd(model, calib, q1, 1), _env(cache))
     rng = np.random.default_rng(1)
     words = [f"w{i}" for i in range(90)]
     rows = [{"instruction": " ".join(rng.choice(words, 5)), "input": "", "output": " ".join(rng.choice(words, 6))}
@@ -151,7 +119,7 @@ def test_quantize_multiprocess_matches_single_process(setup, tmp_path):
 def test_train_multiprocess_killed_and_resumed_matches_single_process(setup, tmp_path):
     _, _, q1, data, cache = setup
     ref, out = tmp_path / "single", tmp_path / "two"
-    _run([sys.executable, "-m", "qeft_jax.train", *_train_flags(q1, data, ref, "qeft", 1, 4)], _env(cache))
+    run_ok([sys.executable, "-m", "qeft_jax.train", *_train_flags(q1, data, ref, "qeft", 1, 4)], _env(cache))
     flags = _train_flags(q1, data, out, "qeft", 0, 4)
     # both processes stall right after step 3's update (step 2 is checkpointed) and are killed there
     _run_group([[sys.executable, str(CHILD), "step:3", *flags]] * 2, cache, pause="step:3")
@@ -175,7 +143,7 @@ def test_train_multiprocess_killed_and_resumed_matches_single_process(setup, tmp
 def test_train_multiprocess_full_matches_single_process(setup, tmp_path):
     model, _, _, data, cache = setup
     ref, out = tmp_path / "single", tmp_path / "two"
-    _run([sys.executable, "-m", "qeft_jax.train", *_train_flags(model, data, ref, "full", 1, 2)], _env(cache))
+    run_ok([sys.executable, "-m", "qeft_jax.train", *_train_flags(model, data, ref, "full", 1, 2)], _env(cache))
     # one shared --out: process 0 writes the outputs, the orbax checkpoints take each process's shards
     _run_group([[sys.executable, "-m", "qeft_jax.train", *_train_flags(model, data, out, "full", 0, 2)]] * 2, cache)
     _assert_close_losses(ref, out)

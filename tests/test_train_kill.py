@@ -11,19 +11,16 @@ resuming rerun are the plain `python -m qeft_jax.train` command.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qeft_jax.io import SafetensorsReader
+from tests.subprocess_runs import REPO, child_env, kill_when_paused, run_ok, watched
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 CHILD = Path(__file__).with_name("train_kill_child.py")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -40,44 +37,13 @@ def _cmd(model: Path, data: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "qeft_jax.train", *_flags(model, data, out)]
 
 
-def _env(jax_cache: Path) -> dict[str, str]:
-    """Every run's environment. A persistent XLA compilation cache shared by the runs: the first (the
-    reference) compiles, the others load the same executables instead of recompiling (~6 s each)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(jax_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> None:
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 def _kill_at(flags: list[str], env: dict[str, str], where: str) -> None:
     """Start the training command `flags` with a stall at `where` (tests/train_kill_child.py) and
     SIGKILL it once it stalls there."""
     proc = subprocess.Popen([sys.executable, str(CHILD), where, *flags], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(240, proc.kill)  # never hang the suite if the pause is not reached
-    watchdog.start()
-    seen: list[str] = []
-    try:
-        for line in proc.stderr:
-            seen.append(line)
-            if line.strip() == f"PAUSED {where}":
-                break
-        else:
-            pytest.fail(f"the run ended (rc {proc.wait()}) without reaching {where}:\n" + "".join(seen[-40:]))
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    with watched([proc], 240):
+        kill_when_paused([proc], where)
 
 
 def _tensors(d: Path) -> dict[str, np.ndarray]:
@@ -110,9 +76,9 @@ def setup(tiny_with_tokenizer, tmp_path_factory):
              "output": " ".join(rng.choice(words, 6))} for i in range(24)]
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = _env(root / "jax_cache")
+    env = child_env(root / "jax_cache")
     ref = root / "ref"
-    _run(_cmd(q, data, ref), env)
+    run_ok(_cmd(q, data, ref), env)
     assert (ref / "train_done.json").is_file()
     assert _metric_steps(ref) == list(range(STEPS + 1))  # step 0: the baseline held-out loss
     return q, data, ref, env
@@ -145,7 +111,7 @@ def test_kill_mid_step_and_resume_bit_identical(setup, tmp_path):
     _kill_at(_flags(q, data, out), env, "step:4")  # step 4's update computed in memory, not yet recorded or saved
     assert not (out / "train_done.json").exists() and not (out / "model.safetensors").exists()
     assert _steps_saved(out)[-1] == 3 and _metric_steps(out) == [0, 1, 2, 3]
-    _run(cmd, env)
+    run_ok(cmd, env)
     _assert_same_as_reference(q, ref, out)
 
 
@@ -160,5 +126,5 @@ def test_kill_mid_save_and_resume_bit_identical(setup, tmp_path):
     partial = [p for p in ckpts.iterdir() if p.name.startswith("3" + TMP_SUFFIX)]
     assert partial and any(f.is_file() for f in partial[0].rglob("*")), "the kill should leave a partial save"
     assert _metric_steps(out) == [0, 1, 2, 3]  # step 3 was recorded before its save: the rerun must drop it
-    _run(cmd, env)
+    run_ok(cmd, env)
     _assert_same_as_reference(q, ref, out)
