@@ -251,7 +251,6 @@ def main(argv: list[str] | None = None) -> None:
     for m in [m for m in methods if m.startswith("qeft")]:
         models[f"tuned_{m}_fp16"] = work / "fp16" / m
         fp16_lost[m] = fp16_copy(Path(best[m]["dir"]), models[f"tuned_{m}_fp16"])
-    record["fp16_weak_share_lost"] = fp16_lost
     evals = work / "evals"
     todo = {}
     for name, path in models.items():

@@ -144,9 +144,12 @@ def read_selection(ckpt_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.nda
 
 # ------------------------------------------------------------------------------- the tensors
 def linear_spec(cfg: ModelConfig, recipe: QuantRecipe, name: str) -> QuantSpec:
+    """A block linear's packed layout. Under OGR (global weak columns) a linear reading a permuted
+    dimension has its weak columns first (weak_first); o_proj reads the heads and keeps an index."""
     out, inp = spec.linear_shape(cfg, name)
+    weak_first = recipe.weak == "global" and spec.LINEAR[name].inp in spec.PERMUTED_DIMS
     return QuantSpec(bits=recipe.bits, group_size=recipe.group_size or inp, in_features=inp,
-                     out_features=out, k=recipe.k)
+                     out_features=out, k=recipe.k, weak_first=weak_first)
 
 
 def expected_tensors(cfg: ModelConfig, recipe: QuantRecipe | None = None
@@ -222,7 +225,26 @@ def read_tensors(info: CheckpointInfo, *, verify: bool = True) -> dict[str, np.n
     reader = SafetensorsReader([f])
     tensors = {k: reader.get(k) for k in reader.keys()}
     check_tensors(expected_tensors(info.config, info.recipe), tensors, source=str(info.path))
+    if info.recipe is not None:
+        check_weak_indices(info.config, info.recipe, tensors, source=str(info.path))
     return tensors
+
+
+def check_weak_indices(cfg: ModelConfig, recipe: QuantRecipe, tensors: Mapping[str, np.ndarray], *,
+                       source: str) -> None:
+    """Every weak_idx holds distinct input columns, and is 0..k-1 where the layout promises it
+    (QuantSpec.weak_first: the model then reads those inputs as a slice and never looks at the index)."""
+    for i in range(cfg.num_hidden_layers):
+        for name in spec.LINEAR_NAMES:
+            qs = linear_spec(cfg, recipe, name)
+            key = f"{spec.layer_prefix(i)}{name}.weak_idx"
+            idx = np.asarray(tensors[key])
+            if qs.weak_first and not np.array_equal(idx, np.arange(qs.k)):
+                raise CheckpointError(f"{source}: '{key}' must be 0..{qs.k - 1} (the weak columns come first "
+                                      f"after OGR), got {idx[:8].tolist()}...")
+            if len(idx) and (idx.min() < 0 or idx.max() >= qs.in_features or len(np.unique(idx)) != len(idx)):
+                raise CheckpointError(f"{source}: '{key}' must hold {qs.k} distinct columns in "
+                                      f"[0, {qs.in_features})")
 
 
 def layer_perms(tensors: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:

@@ -80,6 +80,7 @@ class QuantSpec:
     in_features: int
     out_features: int
     k: int
+    weak_first: bool = False   # weak_idx is 0..k-1 (OGR): the weak inputs are read as a static slice
 
     def __post_init__(self) -> None:
         values_per_word(self.bits)
@@ -102,13 +103,20 @@ class QuantSpec:
                 "weak_idx": (self.k,)}
 
 
+def weak_inputs(x: jax.Array, weak_idx: jax.Array, weak_first: bool = False) -> jax.Array:
+    """x[..., weak_idx]. After OGR the weak columns are x's first k (`weak_first`, checked at load):
+    a static slice, so no gather is left in the program — OGR's point (paper section 3.2, Table 1)."""
+    return x[..., :weak_idx.shape[0]] if weak_first else jnp.take(x, weak_idx, axis=-1)
+
+
 def qeft_matmul_ref(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array,
-                    weak: jax.Array, weak_idx: jax.Array, *, bits: int, group_size: int) -> jax.Array:
+                    weak: jax.Array, weak_idx: jax.Array, *, bits: int, group_size: int,
+                    weak_first: bool = False) -> jax.Array:
     """Plain reference: y[..., out] = x · dequantize(W)ᵀ + x[..., weak_idx] · weakᵀ (f32 accumulate)."""
     n = x.shape[-1]
     w = dequantize(qweight, scales, zeros, bits=bits, group_size=group_size, n=n, dtype=x.dtype)
     y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
     if weak.shape[-1]:
-        xw = jnp.take(x, weak_idx, axis=-1)
+        xw = weak_inputs(x, weak_idx, weak_first)
         y = y + jnp.einsum("...i,oi->...o", xw, weak.astype(x.dtype), preferred_element_type=jnp.float32)
     return y.astype(x.dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import qeft_gemv, qeft_tpu
-from qeft_jax.packing import dequantize, qeft_matmul_ref
+from qeft_jax.packing import dequantize, qeft_matmul_ref, weak_inputs
 
 BACKEND_ENV = "QEFT_JAX_BACKEND"
 # xla: dequantize + XLA dot (the reference); triton: pallas_kernels.qeft_gemv (GPU); mosaic:
@@ -42,7 +42,8 @@ def resolve_backend(backend: str | None = None) -> str:
     return backend
 
 
-def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout=None):
+def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout=None,
+             weak_first=False):
     backend = resolve_backend(backend)
     args = (x, qweight, scales, zeros, weak, weak_idx)
     kw = {"bits": bits, "group_size": group_size}
@@ -57,31 +58,34 @@ def _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backen
     if backend in ("mosaic", "mosaic_interpret") and qeft_tpu.supports(
             bits=bits, group_size=group_size, in_features=x.shape[-1]):
         return qeft_tpu.qeft_matmul(*args, **kw, interpret=backend == "mosaic_interpret")
-    return qeft_matmul_ref(*args, **kw)
+    return qeft_matmul_ref(*args, **kw, weak_first=weak_first)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 10))
 def qeft_linear(x, qweight, scales, zeros, weak, weak_idx, bits: int, group_size: int, backend: str,
-                tpu_layout=None):
+                tpu_layout=None, weak_first: bool = False):
     """tpu_layout: an optional ``qeft_tpu.TPULayout`` of the same packed tensors, prepared without the
-    weak columns, that the Mosaic backends use instead of re-laying the weights out per call."""
-    return _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout)
+    weak columns, that the Mosaic backends use instead of re-laying the weights out per call.
+    weak_first: weak_idx is 0..k-1 (OGR, QuantSpec.weak_first): the XLA path and the saved residual
+    slice x instead of gathering (the kernels read weak_idx either way)."""
+    return _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout, weak_first)
 
 
-def _fwd(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout=None):
-    y = _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout)
-    x_weak = jnp.take(x, weak_idx, axis=-1)
+def _fwd(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout=None, weak_first=False):
+    y = _forward(x, qweight, scales, zeros, weak, weak_idx, bits, group_size, backend, tpu_layout, weak_first)
+    x_weak = weak_inputs(x, weak_idx, weak_first)
     # Only X_weak is saved; x itself is kept as a shape/dtype-only stand-in (no data).
     x_aval = jnp.zeros((0,) + x.shape[-1:], x.dtype)
     return y, (x_weak, x_aval, qweight, scales, zeros, weak, weak_idx)
 
 
-def _bwd(bits, group_size, backend, res, dy):
+def _bwd(bits, group_size, backend, weak_first, res, dy):
     x_weak, x_aval, qweight, scales, zeros, weak, weak_idx = res
     n = x_aval.shape[-1]
     # dX = dY · Ŵ, Ŵ the full effective weight (dense grid, zero at weak positions, + weak columns).
     w = dequantize(qweight, scales, zeros, bits=bits, group_size=group_size, n=n, dtype=jnp.float32)
-    w = w.at[:, weak_idx].add(weak.astype(jnp.float32))
+    cols = slice(0, weak.shape[-1]) if weak_first else weak_idx
+    w = w.at[:, cols].add(weak.astype(jnp.float32))
     dx = jnp.einsum("...o,oi->...i", dy.astype(jnp.float32), w).astype(x_aval.dtype)
     d_weak = jnp.einsum("...o,...k->ok", dy.astype(jnp.float32), x_weak.astype(jnp.float32))
     return (dx, None, jnp.zeros_like(scales), jnp.zeros_like(zeros), d_weak.astype(weak.dtype), None,

@@ -115,7 +115,7 @@ class QEFTLinear(nnx.Module):
         y = qeft_linear(x.astype(self.dtype), self.qweight[...], self.scales[...], self.zeros[...],
                         self.weak[...], self.weak_idx[...], bits=self.spec.bits,
                         group_size=self.spec.group_size, backend=resolve_backend(self.backend),
-                        tpu_layout=self._tpu_layout())
+                        tpu_layout=self._tpu_layout(), weak_first=self.spec.weak_first)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y

@@ -237,6 +237,32 @@ def test_bad_input_tampered_packed_tensors(tiny_with_tokenizer, tmp_path, capsys
     assert "checksum" in err
 
 
+def test_bad_input_weak_index_not_first_after_ogr(tiny_with_tokenizer, tmp_path, capsys):
+    """A QEFT checkpoint (checksum intact) whose weak_idx breaks OGR's promise: the model would read
+    the first k inputs as the weak ones, so loading refuses it instead of computing garbage."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from qeft_jax.checkpoint import sha256_file
+    from qeft_jax.eval.__main__ import main as eval_main
+    from qeft_jax.quantize import main
+
+    model, data = tiny_with_tokenizer
+    out = tmp_path / "q"
+    run_cli(lambda: main(quantize_argv(model, out, data)))
+    f = out / "model.safetensors"
+    tensors = load_file(str(f))
+    key = "model.layers.0.mlp.gate_proj.weak_idx"
+    tensors[key] = tensors[key][::-1].copy()
+    save_file(tensors, str(f))
+    meta = json.loads((out / "quantization.json").read_text())
+    meta["sha256"] = sha256_file(f)
+    (out / "quantization.json").write_text(json.dumps(meta))
+    err = cli_error(eval_main, ["perplexity", "--model", str(out)], capsys)
+    assert key in err and "weak columns come first" in err
+
+
 def test_bad_input_cli_subprocess_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "convert.from_hf", str(tmp_path / "missing"),
                            str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO)
