@@ -68,17 +68,20 @@ def quantize_linear(w: np.ndarray, h: np.ndarray, weak_idx: np.ndarray, recipe: 
     sdt = STORAGE_DTYPES[recipe.storage_dtype]
     weak_mask = np.zeros(n, bool)
     weak_mask[weak_idx] = True
-    w_dense = np.where(weak_mask[None, :], 0.0, w).astype(np.float32)  # weak positions -> exact 0
-    scales, zeros = search_group_params(jnp.asarray(w_dense), bits=recipe.bits, group_size=g,
+    # weak positions -> exact 0, held once (on the device: the host temporary goes at once)
+    w_dense = jnp.asarray(np.where(weak_mask[None, :], np.float32(0), np.asarray(w, np.float32)))
+    scales, zeros = search_group_params(w_dense, bits=recipe.bits, group_size=g,
                                         grid=recipe.grid, max_shrink=recipe.max_shrink,
                                         storage_dtype=jnp.dtype(recipe.storage_dtype))
     if recipe.optq:
+        del w_dense  # OPTQ starts from w itself
         codes, w_final = optq(jnp.asarray(w, jnp.float32), jnp.asarray(h), scales, zeros,
                               jnp.asarray(weak_mask), bits=recipe.bits, group_size=g,
                               act_order=recipe.act_order, percdamp=recipe.percdamp)
-        weak = np.asarray(w_final)[:, weak_idx]
+        weak = np.asarray(w_final[:, weak_idx])  # only the weak columns come to the host
+        del w_final
     else:
-        codes = rtn(jnp.asarray(w_dense), scales, zeros, bits=recipe.bits, group_size=g)
+        codes = rtn(w_dense, scales, zeros, bits=recipe.bits, group_size=g)
         weak = w[:, weak_idx]
     return {"qweight": np.asarray(pack_codes(codes, recipe.bits)),
             "scales": np.asarray(scales).astype(sdt), "zeros": np.asarray(zeros).astype(sdt),
