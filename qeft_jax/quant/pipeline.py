@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
@@ -60,29 +61,30 @@ def check_calibration(ids: np.ndarray, cfg: ModelConfig) -> None:
         raise CalibrationError(f"calibration token ids must lie in [0, {cfg.vocab_size})")
 
 
-def quantize_linear(w: np.ndarray, h: np.ndarray, weak_idx: np.ndarray, recipe: QuantRecipe
-                    ) -> dict[str, np.ndarray]:
-    """Grid search + (OPTQ or RTN) of one linear -> its packed tensors."""
+def quantize_linear(w: np.ndarray | jax.Array, h: np.ndarray | jax.Array, weak_idx: np.ndarray,
+                    recipe: QuantRecipe) -> dict[str, np.ndarray]:
+    """Grid search + (OPTQ or RTN) of one linear -> its packed tensors. A caller can hand over `w`
+    and `h` as device arrays and drop its host copies (the pipeline does)."""
     out, n = w.shape
     g = recipe.group_size or n
     sdt = STORAGE_DTYPES[recipe.storage_dtype]
     weak_mask = np.zeros(n, bool)
     weak_mask[weak_idx] = True
-    # weak positions -> exact 0, held once (on the device: the host temporary goes at once)
-    w_dense = jnp.asarray(np.where(weak_mask[None, :], np.float32(0), np.asarray(w, np.float32)))
+    w = jnp.asarray(w, jnp.float32)
+    w_dense = jnp.where(jnp.asarray(weak_mask)[None, :], jnp.float32(0), w)  # weak positions -> exact 0
     scales, zeros = search_group_params(w_dense, bits=recipe.bits, group_size=g,
                                         grid=recipe.grid, max_shrink=recipe.max_shrink,
                                         storage_dtype=jnp.dtype(recipe.storage_dtype))
     if recipe.optq:
         del w_dense  # OPTQ starts from w itself
-        codes, w_final = optq(jnp.asarray(w, jnp.float32), jnp.asarray(h), scales, zeros,
+        codes, w_final = optq(w, jnp.asarray(h), scales, zeros,
                               jnp.asarray(weak_mask), bits=recipe.bits, group_size=g,
                               act_order=recipe.act_order, percdamp=recipe.percdamp)
         weak = np.asarray(w_final[:, weak_idx])  # only the weak columns come to the host
         del w_final
     else:
         codes = rtn(w_dense, scales, zeros, bits=recipe.bits, group_size=g)
-        weak = w[:, weak_idx]
+        weak = np.asarray(w[:, weak_idx])
     return {"qweight": np.asarray(pack_codes(codes, recipe.bits)),
             "scales": np.asarray(scales).astype(sdt), "zeros": np.asarray(zeros).astype(sdt),
             "weak": np.ascontiguousarray(np.asarray(weak, np.float32).astype(STORAGE_DTYPES[recipe.weak_storage])),
@@ -308,8 +310,13 @@ def _quantize_block(reader: SafetensorsReader, cfg: ModelConfig, recipe: QuantRe
         hs[ffn_in] = hs[ffn_in][ffn_perm][:, ffn_perm]
     weak = _weak_indices(recipe, t, hs)
     replace, layer_t = {}, {name: t[name] for name in spec.norm_dims(cfg)}
-    for lin in spec.LINEARS:  # each fp weight is dropped once it is packed
-        packed = quantize_linear(t.pop(lin.name + ".weight"), hs[lin.reads], weak[lin.name], recipe)
+    last = {lin.reads: lin.name for lin in spec.LINEARS}  # the last linear reading each activation
+    for lin in spec.LINEARS:
+        # handed over on the device: the host weight, and a Hessian after its last reader, go now
+        w = jnp.asarray(t.pop(lin.name + ".weight"), jnp.float32)
+        h = jnp.asarray(hs.pop(lin.reads) if last[lin.reads] == lin.name else hs[lin.reads])
+        packed = quantize_linear(w, h, weak[lin.name], recipe)
+        del w, h
         if lin.name + ".bias" in t:
             packed["bias"] = t[lin.name + ".bias"].astype(sdt)
         replace[lin.name] = QEFTLinear(linear_spec(cfg, recipe, lin.name), bias="bias" in packed,
