@@ -1,28 +1,32 @@
 """Does it scale? Quantization cost of 8B-shaped blocks, and the memory of training/decoding an 8B
 and a 70B model, from abstract compilation (issue 14, items 3 and 5).
 
-    python benchmarks/scale.py [--quick] [--no-quant] [--no-70b] [--calib 4x512,8x512]
+    python benchmarks/scale.py [--quick] [--no-quant] [--no-70b] [--calib 4x512,8x512] [--activations disk]
 
 1. Quantization (`quant`): a synthetic checkpoint with the Llama-3-8B shape (hidden 4096, FFN
    14336, 32/8 heads, vocab 128256) but only 2 decoder blocks, random bf16 weights written with
    `qeft_jax.checkpoint.write_fp`, quantized by the real `quantize_checkpoint` (QEFT 4-bit, k=128,
-   g=128, OPTQ) on random token ids (the pipeline takes ids: no tokenizer). Each quantization runs
+   g=128, OPTQ; calibration activations kept as --activations says: float32 in memory (default),
+   bfloat16, or on disk) on random token ids (the pipeline takes ids: no tokenizer). Each quantization runs
    in a child process; its peak RSS is the child's `ru_maxrss` from `os.wait4` (the kernel's
    high-water mark of that one child) and, as a cross-check, the VmHWM the child reads from
    /proc/self/status before it exits. Two calibration sizes are run, so the bytes each calibration
    token adds to the peak, and the seconds it adds per block, are measured (a line through the
    two points); where the peak did not grow between them (run-to-run noise larger than the
-   activations), the 4 float32 copies per token of `rss_budget` are used and
+   activations) or one size was run, the pipeline's own bytes per token are used (its one
+   activation buffer: 4 x hidden for float32, 2 x hidden for bfloat16, 0 on disk) and
    `rss_per_token_source` says so. Extrapolations (keys `*_extrapolated`):
      time 32 blocks  = 32 x (seconds per block)  +  16 x (everything else: the selection pass over
                        the 2 blocks, reading/permuting the embeddings, writing; an upper bound,
                        since the reading and writing of the top tensors does not scale)
-     RSS  32 blocks  = measured peak + 30 x one packed block (the pipeline keeps every quantized
-                       block in memory until the final write: that part scales with blocks; the
-                       float32 embeddings/lm_head, one block's fp weights and Hessians and the
-                       calibration activations do not)
-     RSS at 128 x 2048 calibration tokens = highest measured peak + per-token bytes x (extra tokens)
-   `rss_budget` lists the buffers the pipeline holds at its peak, computed from the shapes, so a
+     RSS  32 blocks  = measured peak (nothing the pipeline holds grows with the number of blocks:
+                       each finished block goes to the resume state's file and the output is
+                       assembled from those files a tensor at a time)
+     RSS at 128 x 2048 calibration tokens = highest measured peak + per-token bytes x (extra
+                       tokens); the per-batch buffers (one sequence: batch 1) are in the measured
+                       peak, exactly so when the measured sequence length is 2048
+   `rss_budget` lists the buffers the pipeline holds in each of its phases (embedding the
+   calibration tokens, quantizing a block, writing the output), computed from the shapes, so a
    missed target names what breaks it.
 
 2. Training memory (`train_8b`): the full 32-block 8B, for qeft (k=128), qlora (r=64), lora (r=64)
@@ -89,7 +93,7 @@ from flax import nnx
 
 from qeft_jax import sharding as shd
 from qeft_jax import spec
-from qeft_jax.checkpoint import build_model, expected_tensors, write_fp
+from qeft_jax.checkpoint import build_model, write_fp
 from qeft_jax.config import ModelConfig
 from qeft_jax.generation import decode_program
 from qeft_jax.model import init_cache
@@ -155,7 +159,8 @@ def quant_child(a: argparse.Namespace) -> None:
     blocks: list[float] = []
     t0 = time.perf_counter()
     quantize_checkpoint(Path(a.fp), Path(a.q), make_recipe("qeft", k=a.k, group_size=a.group_size), ids,
-                        batch_size=1, progress=False, on_block=lambda i, s: blocks.append(s))
+                        batch_size=1, progress=False, on_block=lambda i, s: blocks.append(s),
+                        activations=a.activations)
     total = time.perf_counter() - t0
     print("RESULT " + json.dumps({"seconds": total, "block_s": blocks, "vmhwm": _vmhwm()}), flush=True)
 
@@ -203,45 +208,49 @@ def run_child(args: list[str]) -> tuple[dict, int]:
     return json.loads(lines[0][len("RESULT "):]), usage.ru_maxrss * 1024   # Linux: ru_maxrss in KiB
 
 
-def run_quantization(fp: Path, q: Path, samples: int, calib_len: int, k: int, group_size: int) -> dict:
+def run_quantization(fp: Path, q: Path, samples: int, calib_len: int, k: int, group_size: int,
+                     activations: str) -> dict:
     """One quantization in a child process: its seconds and its peak RSS."""
     r, peak = run_child(["--quant-child", "--fp", str(fp), "--q", str(q), "--samples", str(samples),
-                         "--calib-len", str(calib_len), "--k", str(k), "--group-size", str(group_size)])
+                         "--calib-len", str(calib_len), "--k", str(k), "--group-size", str(group_size),
+                         "--activations", activations])
     return {"samples": samples, "calib_len": calib_len, "tokens": samples * calib_len,
             "seconds": round(r["seconds"], 2), "block_s": [round(s, 2) for s in r["block_s"]],
             "peak_rss_bytes": peak, "peak_rss_gb": round(peak / GB, 3),
             "vmhwm_gb": round(r["vmhwm"] / GB, 3)}
 
 
-def packed_block_bytes(cfg: ModelConfig, k: int, group_size: int) -> int:
-    """Bytes of one quantized block as the pipeline holds it (its packed tensors, norms in bf16)."""
-    want = expected_tensors(cfg, make_recipe("qeft", k=k, group_size=group_size))
-    prefix = spec.layer_prefix(0)
-    return sum(int(np.prod(shape)) * (2 if dt is None else np.dtype(dt).itemsize)
-               for name, (shape, dt) in want.items() if name.startswith(prefix) or name.endswith("layers.0.ffn_perm"))
+ACTIVATION_BYTES = {"float32": 4, "bfloat16": 2, "disk": 0}   # per token and hidden channel, held
 
 
-def rss_budget(cfg: ModelConfig, tokens: int, k: int, group_size: int) -> dict[str, int]:
-    """The big host buffers of quantize_checkpoint at its peak, from the shapes (bytes): what the
-    pipeline code holds, read off qeft_jax/quant/pipeline.py and calibrate.py."""
+def rss_budget(cfg: ModelConfig, tokens: int, activations: str = "float32", storage_bytes: int = 2
+               ) -> dict[str, dict[str, int]]:
+    """The big host buffers of quantize_checkpoint in each phase, from the shapes (bytes): what the
+    pipeline code holds, read off qeft_jax/quant/pipeline.py and calibrate.py. `storage_bytes`: the
+    source checkpoint's bytes per weight (bf16). The peak is the largest phase."""
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    top = (v * d * (2 if cfg.untied_embeddings else 1) + d) * 4
+    acts = tokens * d * ACTIVATION_BYTES[activations]
     block = (2 * d * q + 2 * d * kv + 3 * d * f) * 4
     return {
-        # read_subset returns float32; `top` stays referenced after spec.permute made the reordered copy
-        "top_tensors_f32_x2 (embeddings + lm_head: read copy + OGR-permuted copy)": 2 * top,
-        # x0 (embedding lookup) and x = x0[..., perm] both live; run_block keeps the per-batch outputs
-        # and their concatenation: ~4 float32 copies of [tokens, hidden]
-        "calibration_activations_f32_x4 (x0, x, block outputs + their concatenation)": 4 * tokens * d * 4,
-        "block_fp_weights_f32_x2 (read + permuted)": 2 * block,
-        "hessians_f32 (attn in, o in, ffn in, down in)": (2 * d * d + q * q + f * f) * 4,
-        "quantized_blocks_kept (x blocks)": cfg.num_hidden_layers * packed_block_bytes(cfg, k, group_size),
+        "embed": {  # embed_calibration: the embedding in its storage dtype, one sequence at a time
+            "embeddings (storage dtype)": v * d * storage_bytes,
+            f"calibration_activations ({activations})": acts},
+        "block": {
+            f"calibration_activations ({activations})": acts,
+            # read a tensor at a time; the FFN reordering copies gate/up/down once more
+            "block_fp_weights_f32 (+ the FFN linears' reordered copy)": block + 3 * d * f * 4,
+            "hessians_f32 (attn in, o in, ffn in, down in)": (2 * d * d + q * q + f * f) * 4,
+            # estimate (the measured figure is down_proj_quantize_linear): OPTQ's [f, f] float32
+            # matrices (Hessian, damped + reordered, Cholesky factor, inverse) and [d, f] copies
+            "quantize_linear_down_proj (estimate: 4 [f, f] + 3 [d, f] float32)": (4 * f * f + 3 * d * f) * 4},
+        "write": {  # one output tensor at a time: lm_head read, reordered, cast to float32
+            "largest_top_tensor (read + reordered in storage dtype, float32 copy)": v * d * (2 * storage_bytes + 4)},
     }
 
 
 def quant_section(shape: dict[str, int], calib: list[tuple[int, int]], k: int, group_size: int,
-                  tmp: Path) -> dict[str, Any]:
+                  activations: str, tmp: Path) -> dict[str, Any]:
     cfg = llama3(shape, num_hidden_layers=2)
     fp = tmp / "fp"
     t0 = time.perf_counter()
@@ -250,7 +259,7 @@ def quant_section(shape: dict[str, int], calib: list[tuple[int, int]], k: int, g
         f"{size / GB:.2f} GB in {time.perf_counter() - t0:.0f} s")
     runs = []
     for i, (n, t) in enumerate(calib):
-        r = run_quantization(fp, tmp / f"q{i}", n, t, k, group_size)
+        r = run_quantization(fp, tmp / f"q{i}", n, t, k, group_size, activations)
         log(f"quantized 2 blocks on {n}x{t} tokens: {r['seconds']} s (blocks {r['block_s']}), "
             f"peak RSS {r['peak_rss_gb']} GB")
         runs.append(r)
@@ -260,7 +269,8 @@ def quant_section(shape: dict[str, int], calib: list[tuple[int, int]], k: int, g
     log(f"quantize_linear of one [{cfg.hidden_size}, {ffn}] linear: "
         f"+{(lin['after'] - lin['before']) / GB:.2f} GB over its inputs, {lin['seconds']:.0f} s")
     return summarize_quant({"shape": {**shape, "num_hidden_layers": 2}, "k": k, "group_size": group_size,
-                            "bits": 4, "storage": "bfloat16", "checkpoint_bytes": size, "runs": runs,
+                            "bits": 4, "storage": "bfloat16", "activations": activations,
+                            "checkpoint_bytes": size, "runs": runs,
                             "down_proj_quantize_linear": {
                                 "shape": [cfg.hidden_size, ffn], "seconds": round(lin["seconds"], 1),
                                 "added_peak_gb": round((lin["after"] - lin["before"]) / GB, 3)}})
@@ -268,10 +278,12 @@ def quant_section(shape: dict[str, int], calib: list[tuple[int, int]], k: int, g
 
 def summarize_quant(raw: dict[str, Any]) -> dict[str, Any]:
     """The derived figures of quant_section from its measurements (`raw`: shape, k, group_size,
-    checkpoint_bytes, runs, down_proj_quantize_linear); see the module docstring."""
-    shape, k, group_size, runs = raw["shape"], raw["k"], raw["group_size"], raw["runs"]
+    checkpoint_bytes, runs, down_proj_quantize_linear, activations); see the module docstring."""
+    shape, runs = raw["shape"], raw["runs"]
+    activations = raw.get("activations", "float32")
     keep = ("shape", "k", "group_size", "bits", "storage", "checkpoint_bytes", "runs", "down_proj_quantize_linear")
     res = {key: raw[key] for key in keep}
+    res["activations"] = activations
     cfg = llama3(shape)  # the measured 2-block model
     full = llama3({**shape, "num_hidden_layers": 32})
     last = runs[-1]
@@ -281,12 +293,10 @@ def summarize_quant(raw: dict[str, Any]) -> dict[str, Any]:
     res["block_s"] = round(block_s, 2)
     res["other_s"] = round(other_s, 2)
     res["time_32_blocks_s_extrapolated"] = round(32 * block_s + 16 * other_s, 1)
-    packed = packed_block_bytes(cfg, k, group_size)
-    res["packed_block_bytes"] = packed
     res["peak_rss_gb"] = round(peak / GB, 3)
-    res["peak_rss_32_blocks_gb_extrapolated"] = round((peak + 30 * packed) / GB, 3)
+    res["peak_rss_32_blocks_gb_extrapolated"] = round(peak / GB, 3)   # nothing held grows with the blocks
     full_tokens = FULL_CALIBRATION[0] * FULL_CALIBRATION[1]
-    analytic = 4 * cfg.hidden_size * 4   # rss_budget's 4 float32 copies of each token's activations
+    analytic = ACTIVATION_BYTES[activations] * cfg.hidden_size   # the one activation buffer, per token
     slope, tslope = float(analytic), 0.0
     res["rss_per_token_source"] = "analytic (one calibration size measured)"
     if len(runs) >= 2 and runs[-1]["tokens"] != runs[0]["tokens"]:
@@ -303,15 +313,16 @@ def summarize_quant(raw: dict[str, Any]) -> dict[str, Any]:
                                            "of these token counts are below the peak's run-to-run noise)")
     res["rss_bytes_per_calib_token_used"] = round(slope, 1)
     extra = full_tokens - last["tokens"]
-    res["peak_rss_full_calib_2_blocks_gb_extrapolated"] = round((peak + slope * extra) / GB, 3)
-    res["peak_rss_full_calib_32_blocks_gb_extrapolated"] = round((peak + slope * extra + 30 * packed) / GB, 3)
+    res["peak_rss_full_calib_32_blocks_gb_extrapolated"] = round((peak + slope * extra) / GB, 3)
     if tslope > 0:
         res["block_s_full_calib_extrapolated"] = round(block_s + tslope * extra, 1)
         res["time_32_blocks_full_calib_s_extrapolated"] = round(32 * (block_s + tslope * extra) + 16 * other_s, 1)
-    budget = rss_budget(full, full_tokens, k, group_size)
-    res["rss_budget_full_calib_32_blocks_gb"] = {name: round(b / GB, 3) for name, b in budget.items()}
-    res["rss_budget_full_calib_32_blocks_total_gb"] = round(sum(budget.values()) / GB, 3)
-    res["rss_budget_as_measured_gb"] = round(sum(rss_budget(cfg, last["tokens"], k, group_size).values()) / GB, 3)
+    budget = rss_budget(full, full_tokens, activations)
+    res["rss_budget_full_calib_32_blocks_gb"] = {phase: {name: round(b / GB, 3) for name, b in bufs.items()}
+                                                 for phase, bufs in budget.items()}
+    res["rss_budget_full_calib_32_blocks_peak_gb"] = round(max(sum(b.values()) for b in budget.values()) / GB, 3)
+    res["rss_budget_as_measured_peak_gb"] = round(
+        max(sum(b.values()) for b in rss_budget(cfg, last["tokens"], activations).values()) / GB, 3)
     res["target_rss_under_6gb"] = bool(res["peak_rss_full_calib_32_blocks_gb_extrapolated"] < 6.0)
     return res
 
@@ -469,6 +480,8 @@ def main() -> None:
     p.add_argument("--no-train", action="store_true", help="skip the 8B training/decode compilations")
     p.add_argument("--no-70b", action="store_true", help="skip the 70B FSDP fit")
     p.add_argument("--calib", default=None, help="calibration sizes SAMPLESxLEN,... (default 2x512,4x512)")
+    p.add_argument("--activations", default="float32", choices=list(ACTIVATION_BYTES),
+                   help="how quantization keeps the calibration activations (quantize_checkpoint's option)")
     p.add_argument("--k", type=int, default=128)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--lora-rank", type=int, default=64)
@@ -514,7 +527,8 @@ def main() -> None:
     if not a.no_quant:
         calib = [tuple(int(v) for v in c.split("x")) for c in (a.calib or ("1x256" if a.quick else "2x512,4x512")).split(",")]
         with tempfile.TemporaryDirectory() as tmp:
-            res["quant"] = quant_section(QUARTER_8B if a.quick else LLAMA3_8B, calib, a.k, a.group_size, Path(tmp))
+            res["quant"] = quant_section(QUARTER_8B if a.quick else LLAMA3_8B, calib, a.k, a.group_size,
+                                         a.activations, Path(tmp))
     res["seconds"] = round(time.perf_counter() - t_start, 1)
     res["parent_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3)
     print(json.dumps(res))

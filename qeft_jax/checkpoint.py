@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from qeft_jax import spec
 from qeft_jax.config import ModelConfig
-from qeft_jax.io import CheckpointError, SafetensorsReader, parse_json
+from qeft_jax.io import CheckpointError, LazyArray, SafetensorsReader, parse_json, write_safetensors
 from qeft_jax.model import CausalLM, abstract_model, named_variables, place_tensors, swap_linears
 from qeft_jax.packing import FORMAT_VERSION, QuantSpec, dequantize
 from qeft_jax.qlinear import QEFTLinear
@@ -193,17 +193,24 @@ def check_tensors(want: Mapping[str, tuple[tuple[int, ...], Any]], tensors: Mapp
         if dtype is ANY_FLOAT:
             if not np.issubdtype(np.dtype(t.dtype), np.floating) and np.dtype(t.dtype).name != "bfloat16":
                 raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected a float type")
-            if not np.all(np.isfinite(np.asarray(t, np.float32))):
+            if not all_finite(t):
                 raise CheckpointError(f"{source}: tensor '{k}' contains NaN or Inf")
         elif t.dtype != dtype:
             raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected {np.dtype(dtype)}")
 
 
+def all_finite(t: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """No NaN/Inf in `t`, checked a chunk at a time (never a whole float32 copy of a large tensor)."""
+    flat = t.reshape(-1)
+    return all(np.isfinite(np.asarray(flat[a:a + chunk], np.float32)).all() for a in range(0, flat.size, chunk))
+
+
 def read_subset(reader: SafetensorsReader, cfg: ModelConfig, select: Callable[[str], bool], *,
-                source: str) -> dict[str, np.ndarray]:
-    """The fp tensors whose names `select` keeps, float32, validated (streaming: one block at a time)."""
+                source: str, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """The fp tensors whose names `select` keeps, validated (streaming: one block at a time), as
+    `dtype` (None: as stored, e.g. bfloat16 embeddings at half the bytes of float32)."""
     want = {k: v for k, v in expected_tensors(cfg).items() if select(k)}
-    tensors = {k: np.asarray(reader.get(k), np.float32) for k in want if k in reader}
+    tensors = {k: np.asarray(reader.get(k), dtype) for k in want if k in reader}
     check_tensors(want, tensors, source=source)
     return tensors
 
@@ -211,7 +218,7 @@ def read_subset(reader: SafetensorsReader, cfg: ModelConfig, select: Callable[[s
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
@@ -285,20 +292,20 @@ def dense_tensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------- writing
-def write_fp(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+def write_fp(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray | LazyArray],
              extra_files: Mapping[str, bytes] | None = None,
              extra_json: Mapping[str, Any] | None = None) -> None:
-    """config.json + model.safetensors (+ extra files) into an existing (atomic temp) directory."""
+    """config.json + model.safetensors (+ extra files) into an existing (atomic temp) directory;
+    the tensors are written one at a time (a LazyArray is read only when written)."""
     (out / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / TENSORS_FILE),
-              metadata={"format": "pt"})
+    write_safetensors(out / TENSORS_FILE, tensors, metadata={"format": "pt"})
     for name, data in (extra_files or {}).items():
         (out / name).write_bytes(data)
     for name, obj in (extra_json or {}).items():
         (out / name).write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def write_quantized(out: Path, cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
+def write_quantized(out: Path, cfg: ModelConfig, tensors: Mapping[str, np.ndarray | LazyArray],
                     meta: Mapping[str, Any], extra_files: Mapping[str, bytes]) -> None:
     """A quantized checkpoint into an (atomic temp) directory; the checksum covers model.safetensors
     byte for byte."""

@@ -3,6 +3,7 @@ cache of fetched packages. What a checkpoint directory holds is `qeft_jax.checkp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -11,11 +12,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, needed by safetensors.numpy)
+import ml_dtypes  # also registers bfloat16 with numpy, needed by safetensors.numpy
 import numpy as np
-from safetensors import safe_open
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes; a larger header is corrupt or hostile
 
@@ -109,8 +109,19 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_safetensors_header(path: Path) -> dict[str, Any]:
-    """Read and validate a safetensors header without trusting its size field."""
+# safetensors dtype names <-> numpy dtypes (little-endian, as the format stores them)
+SAFETENSORS_DTYPES = {"BOOL": np.dtype(bool), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
+                      "U16": np.dtype(np.uint16), "I16": np.dtype(np.int16), "U32": np.dtype(np.uint32),
+                      "I32": np.dtype(np.int32), "U64": np.dtype(np.uint64), "I64": np.dtype(np.int64),
+                      "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+                      "F32": np.dtype(np.float32), "F64": np.dtype(np.float64),
+                      "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+_SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def check_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Read and validate a safetensors header without trusting its size field: (header, offset of
+    the data section in the file)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -126,19 +137,46 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: tensors need {8 + n + end} bytes, file has {size}")
-    return header
+    return header, 8 + n
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyArray:
+    """An array known by its shape and dtype, read only when needed (`write_safetensors` holds one
+    at a time)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    path: Path
+    offset: int            # of the tensor's first byte in the file
+    dtype: np.dtype
+    shape: tuple[int, ...]
 
 
 class SafetensorsReader:
-    """Lazy, memory-mapped reader over one or more safetensors files (one tensor at a time)."""
+    """Lazy reader over one or more safetensors files (one tensor at a time).
+
+    Tensors are read with plain file reads at their header offsets, not through a memory map: the
+    file's pages stay in the kernel's page cache and never count in this process's RSS (a mapped
+    read of a 1 GB tensor would add the mapped pages to the copy, 2 GB at the peak)."""
 
     def __init__(self, files: list[str | Path]):
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, _Entry] = {}
         for f in map(Path, files):
-            check_safetensors_header(f)
-            with safe_open(f, framework="numpy") as h:
-                for k in h.keys():
-                    self._where[k] = f
+            header, data = check_safetensors_header(f)
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                if v.get("dtype") not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{f}: tensor '{k}' has dtype {v.get('dtype')!r}, which qeft-jax "
+                                          f"does not read")
+                self._where[k] = _Entry(f, data + v["data_offsets"][0], SAFETENSORS_DTYPES[v["dtype"]],
+                                        tuple(v["shape"]))
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -146,11 +184,130 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str) -> np.ndarray:
+    def _entry(self, name: str) -> _Entry:
         if name not in self._where:
             raise CheckpointError(f"tensor '{name}' not found in checkpoint")
-        with safe_open(self._where[name], framework="numpy") as h:
-            return h.get_tensor(name)
+        return self._where[name]
+
+    def get(self, name: str) -> np.ndarray:
+        e = self._entry(name)
+        count = int(np.prod(e.shape, dtype=np.int64))
+        return np.fromfile(e.path, dtype=e.dtype, count=count, offset=e.offset).reshape(e.shape)
+
+    def lazy(self, name: str) -> LazyArray:
+        """The tensor as a LazyArray: shape and dtype from the header, data read when asked."""
+        e = self._entry(name)
+        return LazyArray(e.shape, e.dtype, lambda: self.get(name))
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray | LazyArray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """A safetensors file written tensor by tensor: the header (every name, dtype, shape and offset)
+    first, then each tensor's bytes as it is read (a LazyArray is read when its turn comes), so one
+    tensor at a time is in memory. Tensors are laid out by decreasing item size, then by name, so
+    every offset is aligned to its item size (as the safetensors library lays them out)."""
+    order = sorted(tensors, key=lambda k: (-np.dtype(tensors[k].dtype).itemsize, k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    begin = 0
+    for k in order:
+        t = tensors[k]
+        dtype = np.dtype(t.dtype)
+        if dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"tensor '{k}': dtype {dtype} has no safetensors name")
+        end = begin + int(np.prod(t.shape, dtype=np.int64)) * dtype.itemsize
+        header[k] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": [int(v) for v in t.shape],
+                     "data_offsets": [begin, end]}
+        begin = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for k in order:
+            t = tensors[k]
+            a = t.read() if isinstance(t, LazyArray) else t
+            if tuple(a.shape) != tuple(header[k]["shape"]) or np.dtype(a.dtype) != np.dtype(t.dtype):
+                raise ValueError(f"tensor '{k}' was announced as {t.dtype}{list(t.shape)}, read as "
+                                 f"{a.dtype}{list(a.shape)}")
+            np.ascontiguousarray(a).tofile(f)
+            del a
+
+
+class RowFile:
+    """An array [N, ...] in an anonymous temporary file in `directory` (gone when closed or when the
+    process dies, even by SIGKILL), read and written by ranges of its first axis (`f[a:b]`,
+    `f[a:b] = rows`) with plain reads and writes: its pages live in the kernel's page cache, not in
+    this process's RSS, so an array larger than the memory one wants to hold can stream through."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, directory: str | Path):
+        self.shape = tuple(int(v) for v in shape)
+        self.dtype = np.dtype(dtype)
+        self._row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._f = tempfile.TemporaryFile(dir=directory)
+        self._f.truncate(self.shape[0] * self._row)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, s: slice) -> tuple[int, int]:
+        start, stop, step = s.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("RowFile reads and writes contiguous ranges of rows only")
+        return start, max(start, stop)
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        start, stop = self._rows(s)
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        self._f.seek(start * self._row)
+        if self._f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+            raise OSError("short read from a RowFile")
+        return out
+
+    def __setitem__(self, s: slice, rows: np.ndarray) -> None:
+        start, stop = self._rows(s)
+        rows = np.ascontiguousarray(rows, self.dtype)
+        if rows.shape != (stop - start, *self.shape[1:]):
+            raise ValueError(f"rows of shape {rows.shape} written to RowFile rows [{start}, {stop})")
+        self._f.seek(start * self._row)
+        self._f.write(rows.reshape(-1).view(np.uint8))
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def row_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int = 1 << 26) -> Iterator[slice]:
+    """Ranges of the first axis of about `chunk_bytes` each (at least one row)."""
+    rows = max(1, chunk_bytes // max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize))
+    for a in range(0, shape[0], rows):
+        yield slice(a, min(a + rows, shape[0]))
+
+
+def save_npy_rows(path: str | Path, x: Any, dtype: Any) -> None:
+    """`x` (an array or a RowFile) as a .npy file of `dtype` (what np.load reads), written a chunk of
+    rows at a time: never a whole converted copy in memory."""
+    dtype = np.dtype(dtype)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                 "fortran_order": False, "shape": tuple(x.shape)})
+        for s in row_chunks(tuple(x.shape), dtype.itemsize):
+            np.ascontiguousarray(x[s], dtype).tofile(f)
+
+
+def load_npy_rows(path: str | Path, into: Any) -> None:
+    """A .npy file written by `save_npy_rows` copied into `into` (an array or a RowFile of the same
+    shape; values cast to its dtype) a chunk of rows at a time, read without mapping the file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+    if fortran or tuple(shape) != tuple(into.shape):
+        raise CheckpointError(f"{path} holds a {'Fortran-order ' if fortran else ''}array of shape "
+                              f"{tuple(shape)}, expected {tuple(into.shape)}")
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    for s in row_chunks(tuple(shape), dtype.itemsize):
+        n = s.stop - s.start
+        into[s] = np.fromfile(path, dtype, count=n * row, offset=offset + s.start * row * dtype.itemsize
+                              ).reshape(n, *shape[1:])
 
 
 def parse_json(text: str, where: str | Path, error: type[Exception] = ValueError) -> Any:

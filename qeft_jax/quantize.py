@@ -20,6 +20,7 @@ from qeft_jax.checkpoint import read_info
 from qeft_jax.data import text_windows
 from qeft_jax.io import check_output_dir
 from qeft_jax.load import resolve
+from qeft_jax.quant.calibrate import ACTIVATIONS
 from qeft_jax.quant.pipeline import quantize_checkpoint
 from qeft_jax.recipes import METHODS, make_recipe
 from qeft_jax.sharding import make_mesh, maybe_initialize_distributed
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="calibration sequences per batch (with --devices: the global batch, rounded up "
                         "to a multiple of the device count)")
+    p.add_argument("--calib-activations", default="float32", choices=list(ACTIVATIONS),
+                   help="how the calibration activations are kept between blocks: float32 in memory "
+                        "(samples x seq-len x hidden x 4 bytes), bfloat16 in memory (half; slightly different "
+                        "codes), or disk: float32 in a temporary file beside --out (the float32 codes, "
+                        "~one batch in memory)")
     p.add_argument("--devices", type=int, default=1,
                    help="data-parallel calibration over this many devices (0 = all, 1 = single device)")
     p.add_argument("--seed", type=int, default=0, help="calibration sample selection seed")
@@ -70,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": vars(a), "calibration_seed": a.seed,
             "calibration_data": a.calib_data or "boolq-wikipedia/calib"}
     summary = quantize_checkpoint(src, out, recipe, ids, batch_size=a.batch_size, overwrite=a.overwrite,
-                                  meta=meta, mesh=mesh)
+                                  meta=meta, mesh=mesh, activations=a.calib_activations)
     print(f"quantized {src} with {a.method} ({a.bits}-bit, g={recipe.group_size or 'per-channel'}, "
           f"k={recipe.k}) in {time.time() - t0:.1f} s -> {out}")
     print(json.dumps({"out": str(out), "seconds": summary["seconds"], "recipe": summary["recipe"]}))

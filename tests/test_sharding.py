@@ -44,7 +44,7 @@ CHILD = textwrap.dedent(r"""
     mesh = shd.make_mesh()
     res["mesh"] = {k: int(v) for k, v in mesh.shape.items()}
     cfg = ModelConfig.from_json_file(src / "config.json")
-    layer = build_layer(cfg, 0, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
+    layer = build_layer(cfg, 0, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0, {}))
     x = np.random.default_rng(1).standard_normal((10, 16, cfg.hidden_size)).astype(np.float32)
 
     def rel(a, b):
@@ -52,10 +52,12 @@ CHILD = textwrap.dedent(r"""
 
     checks = []
     for stats in ("diag", "full"):
-        y1, h1 = run_block(layer, x, cfg, batch_size=4, stats=stats)
+        y1, y4 = np.empty_like(x), np.empty_like(x)
+        h1 = run_block(layer, x, cfg, batch_size=4, stats=stats, out=y1)
         for bs in (4, 3, 1):  # 10 = 4+4+2 (padded), 3 -> rounded up to 4, 1 -> 4
-            y4, h4 = run_block(layer, x, cfg, batch_size=bs, stats=stats, mesh=mesh)
-            assert y4.shape == y1.shape and h4.keys() == h1.keys()
+            y4[:] = np.nan  # every row must be written
+            h4 = run_block(layer, x, cfg, batch_size=bs, stats=stats, mesh=mesh, out=y4)
+            assert h4.keys() == h1.keys()
             checks.append({"stats": stats, "batch": bs, "y_rel": rel(y4, y1),
                            "h_rel": max(rel(h4[k], h1[k]) for k in h1),
                            "h_close": all(bool(np.allclose(h4[k], h1[k], rtol=1e-5, atol=1e-6 * np.abs(h1[k]).max()))
@@ -164,7 +166,7 @@ def test_padding_weights_drop_copies(converted):
 
     src = converted["mha_tied"]
     cfg = ModelConfig.from_json_file(src / "config.json")
-    layer = build_layer(cfg, 1, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 1))
+    layer = build_layer(cfg, 1, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 1, {}))
     graphdef, state = nnx.split(layer)
     x = np.random.default_rng(2).standard_normal((3, 8, cfg.hidden_size)).astype(np.float32)
     padded = np.concatenate([x, x[:1]])
@@ -187,10 +189,11 @@ def test_one_device_mesh_matches_plain(converted):
 
     src = converted["gqa_untied"]
     cfg = ModelConfig.from_json_file(src / "config.json")
-    layer = build_layer(cfg, 0, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0))
+    layer = build_layer(cfg, 0, _read_layer(SafetensorsReader([src / "model.safetensors"]), cfg, 0, {}))
     x = np.random.default_rng(3).standard_normal((5, 8, cfg.hidden_size)).astype(np.float32)
-    y, h = run_block(layer, x, cfg, batch_size=2, stats="full")
-    ym, hm = run_block(layer, x, cfg, batch_size=2, stats="full", mesh=make_mesh(devices=jax.devices()[:1]))
+    y, ym = np.empty_like(x), np.empty_like(x)
+    h = run_block(layer, x, cfg, batch_size=2, stats="full", out=y)
+    hm = run_block(layer, x, cfg, batch_size=2, stats="full", mesh=make_mesh(devices=jax.devices()[:1]), out=ym)
     np.testing.assert_allclose(ym, y, rtol=1e-6, atol=1e-6)
     for k in h:
         np.testing.assert_allclose(hm[k], h[k], rtol=1e-5, atol=1e-7)

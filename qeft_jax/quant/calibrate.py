@@ -1,7 +1,8 @@
 """Streaming calibration: one decoder block at a time, batches of activations through a jitted pass.
 
 Only one block's weights and one batch's activations live on the device; the activations of all
-calibration sequences between blocks stay in host memory (numpy). Hessians are accumulated in
+calibration sequences between blocks stay on the host in one buffer (`activation_buffer`: float32
+or bfloat16 in memory, or float32 in a file), updated in place batch by batch. Hessians are accumulated in
 float32 as H = 2 XᵀX / tokens (Eq. 2), one per activation a linear reads (`spec.Linear.reads`:
 q/k/v share one, gate/up share one).
 
@@ -10,8 +11,10 @@ weights are replicated, and the Hessians are summed across devices by an all-red
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +22,13 @@ import numpy as np
 from flax import nnx
 
 from qeft_jax import sharding as shd
+from qeft_jax.checkpoint import STORAGE_DTYPES
 from qeft_jax.config import ModelConfig
+from qeft_jax.io import RowFile
 from qeft_jax.model import DecoderLayer, place_tensors, rope_inv_freq, swap_linears
+
+
+Rows = Union[np.ndarray, RowFile]   # activations [N, T, D], sliced along N: x[a:b], x[a:b] = y
 
 
 class CalibrationError(ValueError):
@@ -70,58 +78,62 @@ def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, sta
     return y, out
 
 
-def run_block(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_size: int,
-              stats: str = "none", on_batch: Callable[[], None] | None = None, mesh: Any = None,
-              absmean: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Push all calibration activations x [N, T, D] through one block in batches.
+def run_block(layer: DecoderLayer, x: Rows, cfg: ModelConfig, *, batch_size: int, stats: str = "none",
+              out: Rows | None = None, on_batch: Callable[[], None] | None = None, mesh: Any = None,
+              absmean: bool = False) -> dict[str, np.ndarray]:
+    """Push all calibration activations x [N, T, D] through one block in batches; returns the
+    statistics.
 
     stats: 'none' | 'diag' (Σ 2x², for selection) | 'full' (2XᵀX, for OPTQ); averaged per token.
+    out: where each batch's outputs are written (cast to its dtype); `x` itself updates in place
+    (a batch is read before its outputs overwrite it), None discards them. No list of per-batch
+    outputs and no concatenated copy: the activations are held once, in `x` (see
+    `activation_buffer`).
     absmean: also Σ|x| per channel averaged per token (AWQ's s_x), keyed `absmean_key(activation)`.
     mesh: None (one device) or a jax.sharding.Mesh with a 'data' axis (qeft_jax.sharding.make_mesh):
     then batch_size is the global batch, rounded up to a multiple of the 'data' size, and a final
     partial batch is padded with copies of its own sequences weighted zero in the statistics.
     """
-    if mesh is not None:
-        return _run_block_sharded(layer, x, cfg, batch_size=batch_size, stats=stats, on_batch=on_batch,
-                                  mesh=mesh, absmean=absmean)
     graphdef, state = nnx.split(layer)
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    ys, acc = [], {}
-    for start in range(0, x.shape[0], batch_size):
-        y, s = _run_block(graphdef, state, jnp.asarray(x[start:start + batch_size]), inv_freq, stats,
-                          absmean=absmean)
-        ys.append(np.asarray(y))
+    run: Callable[[np.ndarray], tuple[np.ndarray, dict[str, jax.Array]]]
+    if mesh is None:
+        def run(xb: np.ndarray) -> tuple[np.ndarray, dict[str, jax.Array]]:
+            y, s = _run_block(graphdef, state, jnp.asarray(xb), inv_freq, stats, absmean=absmean)
+            return np.asarray(y), s
+        batch = batch_size
+    else:
+        run, batch = _sharded_runner(graphdef, state, inv_freq, x.shape[0], batch_size=batch_size, stats=stats,
+                                     mesh=mesh, absmean=absmean)
+    acc: dict[str, jax.Array] = {}
+    for start in range(0, x.shape[0], batch):
+        y, s = run(np.asarray(x[start:start + batch], np.float32))
+        if not np.all(np.isfinite(y)):
+            raise CalibrationError("calibration activations became NaN/Inf inside a block: the weights or "
+                                   "the calibration data are broken")
+        if out is not None:
+            out[start:start + len(y)] = y
         for k, v in s.items():
             acc[k] = v if k not in acc else acc[k] + v
         if on_batch:
             on_batch()
-    return _finish(x, ys, {k: np.asarray(v) for k, v in acc.items()})
-
-
-def _finish(x: np.ndarray, ys: list[np.ndarray], acc: dict[str, np.ndarray]
-            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     tokens = x.shape[0] * x.shape[1]
-    y = np.concatenate(ys)
-    if not np.all(np.isfinite(y)):
-        raise CalibrationError("calibration activations became NaN/Inf inside a block: the weights or "
-                               "the calibration data are broken")
-    return y, {k: v / tokens for k, v in acc.items()}
+    return {k: np.asarray(v if mesh is None else shd.to_host(v)) / tokens for k, v in acc.items()}
 
 
-def _run_block_sharded(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_size: int,
-                       stats: str, on_batch: Callable[[], None] | None, mesh: Any, absmean: bool = False
-                       ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """run_block data-parallel over mesh's 'data' axis (weights replicated, Hessians all-reduced)."""
+def _sharded_runner(graphdef: Any, state: Any, inv_freq: jax.Array, n: int, *, batch_size: int, stats: str,
+                    mesh: Any, absmean: bool) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, dict[str, jax.Array]]],
+                                                       int]:
+    """run_block's per-batch step data-parallel over mesh's 'data' axis (weights replicated,
+    Hessians all-reduced), and its batch size (every batch the same shape)."""
     n_dev = shd.data_size(mesh)
-    batch = -(-max(1, min(batch_size, x.shape[0])) // n_dev) * n_dev  # every batch the same shape
-    graphdef, state = nnx.split(layer)
+    batch = -(-max(1, min(batch_size, n)) // n_dev) * n_dev
     rep = shd.replicated(mesh)
     state = jax.device_put(state, rep)
-    inv_freq = jax.device_put(jnp.asarray(rope_inv_freq(cfg)), rep)
+    inv_freq = jax.device_put(inv_freq, rep)
     shardings = (shd.data_sharding(mesh), rep)
-    ys, acc = [], {}
-    for start in range(0, x.shape[0], batch):
-        xb = x[start:start + batch]
+
+    def run(xb: np.ndarray) -> tuple[np.ndarray, dict[str, jax.Array]]:
         real = xb.shape[0]
         weights = np.zeros(batch, np.float32)
         weights[:real] = 1.0
@@ -129,9 +141,27 @@ def _run_block_sharded(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, 
             xb = np.concatenate([xb, xb[np.arange(batch - real) % real]])
         y, s = _run_block(graphdef, state, shd.shard_batch(xb, mesh), inv_freq, stats,
                           shd.shard_batch(weights, mesh), shardings, absmean)
-        ys.append(shd.to_host(y)[:real])
-        for k, v in s.items():
-            acc[k] = v if k not in acc else acc[k] + v
-        if on_batch:
-            on_batch()
-    return _finish(x, ys, {k: shd.to_host(v) for k, v in acc.items()})
+        return shd.to_host(y)[:real], s
+    return run, batch
+
+
+ACTIVATIONS = ("float32", "bfloat16", "disk")
+
+
+@contextlib.contextmanager
+def activation_buffer(shape: tuple[int, ...], kind: str, directory: str | Path) -> Iterator[Rows]:
+    """The one buffer that holds the calibration activations [N, T, D] between blocks.
+
+    kind 'float32' (exact, the default), 'bfloat16' (in memory at half the bytes; the Hessians and
+    the next blocks see rounded inputs, so the codes change) or 'disk' (float32, exact, in an
+    anonymous file in `directory` read and written a batch at a time: ~one batch resident)."""
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"calibration activations must be one of {ACTIVATIONS}, got {kind!r}")
+    if kind != "disk":
+        yield np.empty(shape, STORAGE_DTYPES[kind])
+        return
+    f = RowFile(shape, np.float32, directory)
+    try:
+        yield f
+    finally:
+        f.close()

@@ -62,7 +62,8 @@ def optq(w: jax.Array, h: jax.Array, scales: jax.Array, zeros: jax.Array, weak_m
     sp = jnp.pad(sp, ((0, 0), (0, pad)), constant_values=1.0)
     zp = jnp.pad(zp, ((0, 0), (0, pad)))
     qmask = jnp.pad(qmask, (0, pad))
-    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.pad(jnp.zeros(n), (0, pad), constant_values=1.0))
+    if pad:  # identity on the padded tail (when n fills whole blocks: no n x n temporary to add zeros)
+        u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.pad(jnp.zeros(n), (0, pad), constant_values=1.0))
     cols = jnp.arange(nb * block)
 
     def block_step(b, wcur):

@@ -1,7 +1,10 @@
 """The one quantization pipeline (every recipe): select -> reorder -> [AWQ scales] -> grid search +
 OPTQ -> pack.
 
-Weights are read block by block from the memory-mapped safetensors, so only one block is resident.
+Weights are read a tensor at a time from the safetensors file, so only one block is resident; the
+calibration activations live in one buffer that every block updates in place (`activation_buffer`:
+in memory, or on disk); each finished block is written to the resume state's files and the output
+is assembled from them a tensor at a time, so host memory does not grow with the number of blocks.
 Pass 1 (global weak columns only) runs the fp model to get each block's Hessian diagonal and picks
 the global index (Algorithm 1). Pass 2 is layer-sequential as in OPTQ: block l is calibrated on the
 outputs of the already-quantized blocks before it. With an AWQ recipe (`awq_grid` > 0), each block's
@@ -20,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -30,13 +34,15 @@ from qeft_jax import spec
 from qeft_jax.checkpoint import (SELECTION_FILE, STORAGE_DTYPES, TENSORS_FILE, linear_spec, read_info, read_subset,
                                  tokenizer_files, write_quantized)
 from qeft_jax.config import ModelConfig
-from qeft_jax.io import SafetensorsReader, atomic_dir, atomic_file, check_output_dir, write_json_atomic
+from qeft_jax.io import (LazyArray, SafetensorsReader, atomic_dir, atomic_file, check_output_dir, load_npy_rows,
+                         save_npy_rows, write_json_atomic)
 from qeft_jax.sharding import is_writer, sync
 from qeft_jax.packing import pack_codes
 from qeft_jax.model import embedding_scale
 from qeft_jax.qlinear import QEFTLinear
 from qeft_jax.quant.awq import fold_scales, scale_hessian, search_scale
-from qeft_jax.quant.calibrate import CalibrationError, absmean_key, build_layer, run_block
+from qeft_jax.quant.calibrate import (CalibrationError, Rows, absmean_key, activation_buffer, build_layer,
+                                     run_block)
 from qeft_jax.quant.groupwise import rtn, search_group_params
 from qeft_jax.quant.optq import optq
 from qeft_jax.recipes import QuantRecipe
@@ -55,26 +61,30 @@ def check_calibration(ids: np.ndarray, cfg: ModelConfig) -> None:
         raise CalibrationError(f"calibration token ids must lie in [0, {cfg.vocab_size})")
 
 
-def quantize_linear(w: np.ndarray, h: np.ndarray, weak_idx: np.ndarray, recipe: QuantRecipe
-                    ) -> dict[str, np.ndarray]:
-    """Grid search + (OPTQ or RTN) of one linear -> its packed tensors."""
+def quantize_linear(w: np.ndarray | jax.Array, h: np.ndarray | jax.Array, weak_idx: np.ndarray,
+                    recipe: QuantRecipe) -> dict[str, np.ndarray]:
+    """Grid search + (OPTQ or RTN) of one linear -> its packed tensors. A caller can hand over `w`
+    and `h` as device arrays and drop its host copies (the pipeline does)."""
     out, n = w.shape
     g = recipe.group_size or n
     sdt = STORAGE_DTYPES[recipe.storage_dtype]
     weak_mask = np.zeros(n, bool)
     weak_mask[weak_idx] = True
-    w_dense = np.where(weak_mask[None, :], 0.0, w).astype(np.float32)  # weak positions -> exact 0
-    scales, zeros = search_group_params(jnp.asarray(w_dense), bits=recipe.bits, group_size=g,
+    w = jnp.asarray(w, jnp.float32)
+    w_dense = jnp.where(jnp.asarray(weak_mask)[None, :], jnp.float32(0), w)  # weak positions -> exact 0
+    scales, zeros = search_group_params(w_dense, bits=recipe.bits, group_size=g,
                                         grid=recipe.grid, max_shrink=recipe.max_shrink,
                                         storage_dtype=jnp.dtype(recipe.storage_dtype))
     if recipe.optq:
-        codes, w_final = optq(jnp.asarray(w, jnp.float32), jnp.asarray(h), scales, zeros,
+        del w_dense  # OPTQ starts from w itself
+        codes, w_final = optq(w, jnp.asarray(h), scales, zeros,
                               jnp.asarray(weak_mask), bits=recipe.bits, group_size=g,
                               act_order=recipe.act_order, percdamp=recipe.percdamp)
-        weak = np.asarray(w_final)[:, weak_idx]
+        weak = np.asarray(w_final[:, weak_idx])  # only the weak columns come to the host
+        del w_final
     else:
-        codes = rtn(jnp.asarray(w_dense), scales, zeros, bits=recipe.bits, group_size=g)
-        weak = w[:, weak_idx]
+        codes = rtn(w_dense, scales, zeros, bits=recipe.bits, group_size=g)
+        weak = np.asarray(w[:, weak_idx])
     return {"qweight": np.asarray(pack_codes(codes, recipe.bits)),
             "scales": np.asarray(scales).astype(sdt), "zeros": np.asarray(zeros).astype(sdt),
             "weak": np.ascontiguousarray(np.asarray(weak, np.float32).astype(STORAGE_DTYPES[recipe.weak_storage])),
@@ -124,11 +134,12 @@ def _weak_indices(recipe: QuantRecipe, t: dict[str, np.ndarray], hs: dict[str, n
             for lin in spec.LINEARS}
 
 
-def select_global_index(reader: SafetensorsReader, cfg: ModelConfig, x: np.ndarray, k: int, *,
+def select_global_index(reader: SafetensorsReader, cfg: ModelConfig, x: Rows, k: int, *,
                         batch_size: int, progress: bool, mesh: Any = None
                         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Pass 1 (fp model): per-layer λ = diag(H) of the residual-stream readers' inputs, then
-    Algorithm 1 (every such linear votes with its input's λ).
+    Algorithm 1 (every such linear votes with its input's λ). `x` (the embedded calibration
+    tokens) is overwritten block by block with the fp model's activations.
 
     Returns the global index and λ per block ('attn_lambda', 'ffn_lambda': [layers, hidden],
     original channel order) for inspection and plots."""
@@ -136,40 +147,88 @@ def select_global_index(reader: SafetensorsReader, cfg: ModelConfig, x: np.ndarr
     voters = [spec.LINEAR[name].reads for name in spec.hidden_readers()]
     votes = []
     for i in tqdm(range(cfg.num_hidden_layers), desc="selecting weak channels", disable=not progress):
-        layer = build_layer(cfg, i, _read_layer(reader, cfg, i))
-        x, stats = run_block(layer, x, cfg, batch_size=batch_size, stats="diag", mesh=mesh)
+        layer = build_layer(cfg, i, _read_layer(reader, cfg, i, {}))
+        stats = run_block(layer, x, cfg, batch_size=batch_size, stats="diag", out=x, mesh=mesh)
         votes += [stats[r] for r in voters]
         attn.append(stats[spec.ATTN_IN])
         ffn.append(stats[spec.FFN_IN])
     return global_weak_index(votes, k), {"attn_lambda": np.stack(attn), "ffn_lambda": np.stack(ffn)}
 
 
-def _read_layer(reader: SafetensorsReader, cfg: ModelConfig, i: int) -> dict[str, np.ndarray]:
+def _read_reordered(reader: SafetensorsReader, cfg: ModelConfig, name: str, dims: tuple[str, ...],
+                    perms: dict[str, np.ndarray], dtype: Any = np.float32) -> np.ndarray:
+    """One fp tensor of the source, validated, as `dtype` (None: as stored), its axes reordered by
+    `perms`: one tensor at a time, so a block is never held twice (read + reordered)."""
+    t = read_subset(reader, cfg, lambda k: k == name, source="source checkpoint", dtype=dtype)
+    return spec.permute(t, {name: dims}, perms)[name]
+
+
+def _read_layer(reader: SafetensorsReader, cfg: ModelConfig, i: int, perms: dict[str, np.ndarray]
+                ) -> dict[str, np.ndarray]:
+    """Layer i's fp tensors (names relative to the layer), float32, reordered by `perms`."""
     prefix = spec.layer_prefix(i)
-    t = read_subset(reader, cfg, lambda k: k.startswith(prefix), source="source checkpoint")
-    return {k[len(prefix):]: v for k, v in t.items()}
+    return {k: _read_reordered(reader, cfg, prefix + k, dims, perms) for k, dims in spec.layer_dims(cfg).items()}
+
+
+def embed_calibration(reader: SafetensorsReader, cfg: ModelConfig, ids: np.ndarray, perm: np.ndarray | None,
+                      out: Rows) -> None:
+    """The calibration tokens' embeddings × the model's embedding scale, hidden dim reordered by
+    `perm` (None: original order), written into `out` a sequence at a time. The embedding
+    is read in its storage dtype (bfloat16: half of float32) and dropped when this returns."""
+    name = "model.embed_tokens.weight"
+    embed = _read_reordered(reader, cfg, name, spec.top_dims(cfg)[name], {}, dtype=None)
+    scale = np.float32(embedding_scale(cfg))
+    for a in range(len(ids)):  # a sequence at a time: never a second copy of all the activations
+        s = slice(a, a + 1)
+        x = np.asarray(embed[ids[s]], np.float32) * scale
+        if not np.all(np.isfinite(x)):
+            raise CalibrationError("embeddings of the calibration tokens contain NaN/Inf")
+        out[s] = x if perm is None else x[..., perm]
+
+
+def _output_tensors(reader: SafetensorsReader, cfg: ModelConfig, perm: np.ndarray, blocks: SafetensorsReader
+                    ) -> dict[str, np.ndarray | LazyArray]:
+    """The quantized checkpoint's tensors, each read only when the writer comes to it: the top
+    tensors reordered by OGR (float32, read in their storage dtype), the hidden permutation, and
+    every finished block from the resume state's files. Nothing of the model stays resident."""
+    def top(name: str, dims: tuple[str, ...]) -> LazyArray:
+        return LazyArray(spec.shape(cfg, dims), np.dtype(np.float32), lambda: np.asarray(
+            _read_reordered(reader, cfg, name, dims, {"hidden": perm}, dtype=None), np.float32))
+    tensors: dict[str, np.ndarray | LazyArray] = {name: top(name, dims) for name, dims in spec.top_dims(cfg).items()}
+    tensors[spec.PERM_TENSORS["hidden"]] = perm
+    tensors.update({k: blocks.lazy(k) for k in blocks.keys()})
+    return tensors
 
 
 def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np.ndarray, *,
                         batch_size: int = 8, progress: bool = True, overwrite: bool = False,
                         meta: dict[str, Any] | None = None,
-                        on_block: Callable[[int, float], None] | None = None, mesh: Any = None
-                        ) -> dict[str, Any]:
+                        on_block: Callable[[int, float], None] | None = None, mesh: Any = None,
+                        activations: str = "float32") -> dict[str, Any]:
     """Quantize the fp checkpoint at `src` into a packed checkpoint at `out`. Returns a summary.
 
     mesh: a jax.sharding.Mesh with a 'data' axis for data-parallel calibration (see run_block).
+    activations: how the calibration activations are held between blocks (`activation_buffer`):
+    'float32' (default), 'bfloat16' (half the memory, slightly different codes) or 'disk' (float32
+    in a file beside `out`: the same codes as 'float32', ~one batch resident).
+
+    Host memory: one block's fp weights and Hessians, the activations, one linear's working set.
+    The embeddings are read only to embed the calibration tokens and again when written, and every
+    finished block lives in the resume state's files until the output is assembled from them.
 
     Host BLAS is limited to one thread while this runs: XLA's CPU Cholesky calls LAPACK, whose
     threads spin against XLA's own (measured: 6.6 s vs 0.33 s for one 1536² factorisation on two
     busy cores)."""
     with threadpool_limits(limits=1, user_api="blas"):
         return _quantize_checkpoint(src, out, recipe, calib_ids, batch_size=batch_size, progress=progress,
-                                    overwrite=overwrite, meta=meta, on_block=on_block, mesh=mesh)
+                                    overwrite=overwrite, meta=meta, on_block=on_block, mesh=mesh,
+                                    activations=activations)
 
 
 def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np.ndarray, *,
                          batch_size: int, progress: bool, overwrite: bool, meta: dict[str, Any] | None,
-                         on_block: Callable[[int, float], None] | None, mesh: Any) -> dict[str, Any]:
+                         on_block: Callable[[int, float], None] | None, mesh: Any, activations: str
+                         ) -> dict[str, Any]:
     t0 = time.time()
     out = Path(out)
     check_output_dir(out, overwrite=overwrite)
@@ -181,93 +240,102 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
     for name in spec.LINEAR_NAMES:
         linear_spec(cfg, recipe, name)  # raises if k exceeds an input dim
     reader = SafetensorsReader([src / TENSORS_FILE])
-    top_names = spec.top_dims(cfg)
-    top = read_subset(reader, cfg, lambda k: k in top_names, source="source checkpoint")
-    embed = top["model.embed_tokens.weight"]
-    x0 = embed[calib_ids] * np.float32(embedding_scale(cfg))
-    if not np.all(np.isfinite(x0)):
-        raise CalibrationError("embeddings of the calibration tokens contain NaN/Inf")
+    for name, dims in spec.top_dims(cfg).items():  # validated before any long work, one at a time
+        _read_reordered(reader, cfg, name, dims, {}, dtype=None)
 
     d = cfg.hidden_size
-    work = ResumeState(out, _run_key(src, recipe, calib_ids, batch_size, mesh), write=is_writer())
+    work = ResumeState(out, _run_key(src, recipe, calib_ids, batch_size, mesh, activations), write=is_writer())
     sync("qeft-jax: resume state read")  # nobody writes it before every process has read it
-    if work.global_idx is not None:
-        global_idx = work.global_idx
-    elif recipe.weak == "global" and recipe.k:
-        global_idx, selection = select_global_index(reader, cfg, x0, recipe.k, batch_size=batch_size,
-                                                    progress=progress, mesh=mesh)
-        work.save_selection(selection)
-    else:
-        global_idx = np.zeros(0, np.int32)
-    work.save_global_idx(global_idx)
-    perm = weak_first_permutation(global_idx, d) if recipe.weak == "global" else np.arange(d, dtype=np.int32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with activation_buffer((*calib_ids.shape, d), activations, out.parent) as x:
+        if work.global_idx is not None:
+            global_idx = work.global_idx
+        elif recipe.weak == "global" and recipe.k:
+            embed_calibration(reader, cfg, calib_ids, None, x)
+            global_idx, selection = select_global_index(reader, cfg, x, recipe.k, batch_size=batch_size,
+                                                        progress=progress, mesh=mesh)
+            work.save_selection(selection)
+        else:
+            global_idx = np.zeros(0, np.int32)
+        work.save_global_idx(global_idx)
+        perm = weak_first_permutation(global_idx, d) if recipe.weak == "global" else np.arange(d, dtype=np.int32)
 
-    tensors = spec.permute(top, top_names, {"hidden": perm})
-    tensors[spec.PERM_TENSORS["hidden"]] = perm
-    x = x0[..., perm]
-    sdt = STORAGE_DTYPES[recipe.storage_dtype]
-    block_times = []
-    start = 0
-    if work.done >= 0:  # resume after the last finished block
-        for i in range(work.done + 1):
-            tensors.update(work.load_block(i))
-        x, start = work.load_activations(), work.done + 1
-    bar = tqdm(range(start, cfg.num_hidden_layers), desc=f"quantizing ({recipe.method}, {recipe.bits}-bit)",
-               disable=not progress, initial=start, total=cfg.num_hidden_layers)
-    for i in bar:
-        tb = time.time()
-        dims = spec.layer_dims(cfg)
-        t = spec.permute(_read_layer(reader, cfg, i), dims, {"hidden": perm})
-        _, hs = run_block(build_layer(cfg, i, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh,
-                          absmean=recipe.awq_grid > 0)
-        record: dict[str, Any] = {}
-        if recipe.awq_grid:
-            t, hs, record["awq_alpha"] = apply_awq(cfg, t, hs, recipe)
-        ffn_perm = np.arange(cfg.intermediate_size, dtype=np.int32)
-        if recipe.weak == "global" and recipe.k:
-            ffn_in = spec.ffn_reader_input()
-            ffn_perm = weak_first_permutation(top_k(np.diag(hs[ffn_in]), recipe.k), cfg.intermediate_size)
-            t = spec.permute(t, dims, {"ffn": ffn_perm})
-            hs[ffn_in] = hs[ffn_in][ffn_perm][:, ffn_perm]
-        weak = _weak_indices(recipe, t, hs)
-        replace, layer_t = {}, {name: t[name] for name in spec.norm_dims(cfg)}
-        for lin in spec.LINEARS:
-            packed = quantize_linear(t[lin.name + ".weight"], hs[lin.reads], weak[lin.name], recipe)
-            if lin.name + ".bias" in t:
-                packed["bias"] = t[lin.name + ".bias"].astype(sdt)
-            replace[lin.name] = QEFTLinear(linear_spec(cfg, recipe, lin.name), bias="bias" in packed,
-                                           storage_dtype=jnp.dtype(recipe.storage_dtype))
-            layer_t.update({f"{lin.name}.{f}": v for f, v in packed.items()})
-        x, _ = run_block(build_layer(cfg, i, layer_t, replace), x, cfg, batch_size=batch_size, mesh=mesh)
-        block = {spec.layer_prefix(i) + k: v for k, v in layer_t.items()}
-        block[spec.PERM_TENSORS["ffn"].format(i=i)] = ffn_perm
-        tensors.update(block)
-        work.finish_block(i, block, x, record)
-        block_times.append(time.time() - tb)
-        if on_block:
-            on_block(i, block_times[-1])
+        start = work.done + 1  # resume after the last finished block
+        if start:
+            work.load_activations(x)
+        else:
+            embed_calibration(reader, cfg, calib_ids, perm, x)
+        bar = tqdm(range(start, cfg.num_hidden_layers), desc=f"quantizing ({recipe.method}, {recipe.bits}-bit)",
+                   disable=not progress, initial=start, total=cfg.num_hidden_layers)
+        for i in bar:
+            tb = time.time()
+            block, record = _quantize_block(reader, cfg, recipe, i, perm, x, batch_size=batch_size, mesh=mesh)
+            work.finish_block(i, block, x, record)  # the block lives in its file from here on
+            del block
+            if on_block:
+                on_block(i, time.time() - tb)
 
     summary = {"recipe": recipe.to_dict(), "calibration": {"samples": int(calib_ids.shape[0]),
-               "seq_len": int(calib_ids.shape[1])}, "global_weak_index": [int(v) for v in global_idx],
+               "seq_len": int(calib_ids.shape[1]), "activations": activations},
+               "global_weak_index": [int(v) for v in global_idx],
                "source": str(src), "seconds": round(time.time() - t0, 2), **(meta or {})}
     if recipe.awq_grid:  # the α AWQ chose, per layer and activation
         summary["awq_alpha"] = [work.records[str(i)]["awq_alpha"] for i in range(cfg.num_hidden_layers)]
     if is_writer():
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            write_quantized(tmp, cfg, tensors, summary, {**tokenizer_files(src), **work.extra_files()})
+            write_quantized(tmp, cfg, _output_tensors(reader, cfg, perm, work.blocks(cfg.num_hidden_layers)),
+                            summary, {**tokenizer_files(src), **work.extra_files()})
         work.clear()
     return summary
 
 
-def _save_npy(path: Path, x: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temp name
-        np.save(f, x)
+def _quantize_block(reader: SafetensorsReader, cfg: ModelConfig, recipe: QuantRecipe, i: int, perm: np.ndarray,
+                    x: Rows, *, batch_size: int, mesh: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Block i calibrated on `x` (its inputs, hidden dim reordered by `perm`), quantized, and run
+    again to overwrite `x` with its outputs (the next block's inputs). Returns its packed tensors
+    (full names, with its FFN permutation) and what the summary records of it."""
+    dims = spec.layer_dims(cfg)
+    sdt = STORAGE_DTYPES[recipe.storage_dtype]
+    t = _read_layer(reader, cfg, i, {"hidden": perm})
+    hs = run_block(build_layer(cfg, i, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh,
+                   absmean=recipe.awq_grid > 0)
+    record: dict[str, Any] = {}
+    if recipe.awq_grid:
+        t, hs, record["awq_alpha"] = apply_awq(cfg, t, hs, recipe)
+    ffn_perm = np.arange(cfg.intermediate_size, dtype=np.int32)
+    if recipe.weak == "global" and recipe.k:
+        ffn_in = spec.ffn_reader_input()
+        ffn_perm = weak_first_permutation(top_k(np.diag(hs[ffn_in]), recipe.k), cfg.intermediate_size)
+        t = spec.permute(t, dims, {"ffn": ffn_perm})
+        hs[ffn_in] = hs[ffn_in][ffn_perm][:, ffn_perm]
+    weak = _weak_indices(recipe, t, hs)
+    replace, layer_t = {}, {name: t[name] for name in spec.norm_dims(cfg)}
+    last = {lin.reads: lin.name for lin in spec.LINEARS}  # the last linear reading each activation
+    for lin in spec.LINEARS:
+        # handed over on the device: the host weight, and a Hessian after its last reader, go now
+        w = jnp.asarray(t.pop(lin.name + ".weight"), jnp.float32)
+        h = jnp.asarray(hs.pop(lin.reads) if last[lin.reads] == lin.name else hs[lin.reads])
+        packed = quantize_linear(w, h, weak[lin.name], recipe)
+        del w, h
+        if lin.name + ".bias" in t:
+            packed["bias"] = t[lin.name + ".bias"].astype(sdt)
+        replace[lin.name] = QEFTLinear(linear_spec(cfg, recipe, lin.name), bias="bias" in packed,
+                                       storage_dtype=jnp.dtype(recipe.storage_dtype))
+        layer_t.update({f"{lin.name}.{f}": v for f, v in packed.items()})
+    del t, hs  # the fp block and its Hessians are not needed for the quantized block's pass
+    run_block(build_layer(cfg, i, layer_t, replace), x, cfg, batch_size=batch_size, out=x, mesh=mesh)
+    block = {spec.layer_prefix(i) + k: v for k, v in layer_t.items()}
+    block[spec.PERM_TENSORS["ffn"].format(i=i)] = ffn_perm
+    return block, record
 
 
-def _run_key(src: Path, recipe: QuantRecipe, calib_ids: np.ndarray, batch_size: int, mesh: Any = None) -> str:
+def _run_key(src: Path, recipe: QuantRecipe, calib_ids: np.ndarray, batch_size: int, mesh: Any = None,
+             activations: str = "float32") -> str:
     key: list[Any] = [str(Path(src).resolve()), recipe.to_dict(), batch_size]
     if mesh is not None:  # a different device split changes float rounding: don't mix partial runs
         key.append({str(a): int(n) for a, n in mesh.shape.items()})
+    if activations == "bfloat16":  # rounded activations change the codes ('disk' holds float32: same run)
+        key.append("bfloat16 activations")
     h = hashlib.sha256(json.dumps(key).encode())
     h.update(np.ascontiguousarray(calib_ids, np.int64).tobytes())
     return h.hexdigest()
@@ -326,7 +394,7 @@ class ResumeState:
         f = self.dir / SELECTION_FILE
         return {f.name: f.read_bytes()} if f.is_file() else {}
 
-    def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: np.ndarray,
+    def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: Rows,
                      record: dict[str, Any] | None = None) -> None:
         self.done = i
         self.records[str(i)] = record or {}
@@ -334,15 +402,17 @@ class ResumeState:
             return
         atomic_file(self.dir / f"block_{i}.safetensors", lambda p: save_file(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
-        atomic_file(self.dir / f"x_{i}.npy", lambda p: _save_npy(p, x))
+        atomic_file(self.dir / f"x_{i}.npy", lambda p: save_npy_rows(p, x, np.float32))
         self._write_state()
         (self.dir / f"x_{i - 1}.npy").unlink(missing_ok=True)
 
-    def load_block(self, i: int) -> dict[str, np.ndarray]:
-        return load_file(str(self.dir / f"block_{i}.safetensors"))
+    def blocks(self, n: int) -> SafetensorsReader:
+        """The packed tensors of finished blocks 0..n-1, read from their files when asked."""
+        return SafetensorsReader([self.dir / f"block_{i}.safetensors" for i in range(n)])
 
-    def load_activations(self) -> np.ndarray:
-        return np.load(self.dir / f"x_{self.done}.npy")
+    def load_activations(self, into: Rows) -> None:
+        """The activations after the last finished block, copied into `into`."""
+        load_npy_rows(self.dir / f"x_{self.done}.npy", into)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
