@@ -43,12 +43,14 @@ def absmean_key(activation: str) -> str:
     return f"{activation}.absmean"
 
 
-@partial(jax.jit, static_argnames=("graphdef", "stats", "shardings", "absmean"))
+@partial(jax.jit, static_argnames=("graphdef", "stats", "shardings", "absmean", "outputs"))
 def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, stats: str,
                weights: jax.Array | None = None, shardings: tuple[Any, Any] | None = None,
-               absmean: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+               absmean: bool = False, outputs: bool = True) -> tuple[jax.Array | None, dict[str, jax.Array]]:
     """weights [B] (0/1) drop padded sequences from the statistics; shardings = (activations,
-    statistics) output shardings under a mesh. Both None: the plain single-device pass."""
+    statistics) output shardings under a mesh. Both None: the plain single-device pass.
+    outputs=False returns no block output, so XLA drops the work only it needs (down_proj, the
+    residual add) and nothing is copied back to the host."""
     layer = nnx.merge(graphdef, state)
     b, t, _ = x.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -67,12 +69,12 @@ def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, sta
     if shardings is not None:  # y stays split over 'data'; the token sums become an all-reduce
         y = jax.lax.with_sharding_constraint(y, shardings[0])
         out = {k: jax.lax.with_sharding_constraint(v, shardings[1]) for k, v in out.items()}
-    return y, out
+    return (y if outputs else None), out
 
 
 def run_block(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_size: int,
               stats: str = "none", on_batch: Callable[[], None] | None = None, mesh: Any = None,
-              absmean: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+              absmean: bool = False, outputs: bool = True) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
     """Push all calibration activations x [N, T, D] through one block in batches.
 
     stats: 'none' | 'diag' (Σ 2x², for selection) | 'full' (2XᵀX, for OPTQ); averaged per token.
@@ -80,17 +82,20 @@ def run_block(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_siz
     mesh: None (one device) or a jax.sharding.Mesh with a 'data' axis (qeft_jax.sharding.make_mesh):
     then batch_size is the global batch, rounded up to a multiple of the 'data' size, and a final
     partial batch is padded with copies of its own sequences weighted zero in the statistics.
+    outputs=False: statistics only (the returned output is None), for a block whose output is not
+    needed (the fp block of the layer-sequential pass): it skips down_proj and the host copy.
     """
     if mesh is not None:
         return _run_block_sharded(layer, x, cfg, batch_size=batch_size, stats=stats, on_batch=on_batch,
-                                  mesh=mesh, absmean=absmean)
+                                  mesh=mesh, absmean=absmean, outputs=outputs)
     graphdef, state = nnx.split(layer)
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     ys, acc = [], {}
     for start in range(0, x.shape[0], batch_size):
         y, s = _run_block(graphdef, state, jnp.asarray(x[start:start + batch_size]), inv_freq, stats,
-                          absmean=absmean)
-        ys.append(np.asarray(y))
+                          absmean=absmean, outputs=outputs)
+        if outputs:
+            ys.append(np.asarray(y))
         for k, v in s.items():
             acc[k] = v if k not in acc else acc[k] + v
         if on_batch:
@@ -99,18 +104,20 @@ def run_block(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_siz
 
 
 def _finish(x: np.ndarray, ys: list[np.ndarray], acc: dict[str, np.ndarray]
-            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """Concatenated outputs (None when none were kept) and per-token statistics; NaN/Inf in
+    either is an error (the statistics carry it when the outputs were not kept)."""
     tokens = x.shape[0] * x.shape[1]
-    y = np.concatenate(ys)
-    if not np.all(np.isfinite(y)):
+    y = np.concatenate(ys) if ys else None
+    if not all(np.all(np.isfinite(v)) for v in ([] if y is None else [y]) + list(acc.values())):
         raise CalibrationError("calibration activations became NaN/Inf inside a block: the weights or "
                                "the calibration data are broken")
     return y, {k: v / tokens for k, v in acc.items()}
 
 
 def _run_block_sharded(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, batch_size: int,
-                       stats: str, on_batch: Callable[[], None] | None, mesh: Any, absmean: bool = False
-                       ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                       stats: str, on_batch: Callable[[], None] | None, mesh: Any, absmean: bool = False,
+                       outputs: bool = True) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
     """run_block data-parallel over mesh's 'data' axis (weights replicated, Hessians all-reduced)."""
     n_dev = shd.data_size(mesh)
     batch = -(-max(1, min(batch_size, x.shape[0])) // n_dev) * n_dev  # every batch the same shape
@@ -128,8 +135,9 @@ def _run_block_sharded(layer: DecoderLayer, x: np.ndarray, cfg: ModelConfig, *, 
         if real < batch:  # pad with copies of real sequences (finite), weighted zero
             xb = np.concatenate([xb, xb[np.arange(batch - real) % real]])
         y, s = _run_block(graphdef, state, shd.shard_batch(xb, mesh), inv_freq, stats,
-                          shd.shard_batch(weights, mesh), shardings, absmean)
-        ys.append(shd.to_host(y)[:real])
+                          shd.shard_batch(weights, mesh), shardings, absmean, outputs)
+        if outputs:
+            ys.append(shd.to_host(y)[:real])
         for k, v in s.items():
             acc[k] = v if k not in acc else acc[k] + v
         if on_batch:

@@ -55,9 +55,10 @@ def check_calibration(ids: np.ndarray, cfg: ModelConfig) -> None:
         raise CalibrationError(f"calibration token ids must lie in [0, {cfg.vocab_size})")
 
 
-def quantize_linear(w: np.ndarray, h: np.ndarray, weak_idx: np.ndarray, recipe: QuantRecipe
+def quantize_linear(w: np.ndarray, h: np.ndarray | None, weak_idx: np.ndarray, recipe: QuantRecipe
                     ) -> dict[str, np.ndarray]:
-    """Grid search + (OPTQ or RTN) of one linear -> its packed tensors."""
+    """Grid search + (OPTQ or RTN) of one linear -> its packed tensors. h: its input's Hessian
+    (OPTQ only; None for a recipe without calibration)."""
     out, n = w.shape
     g = recipe.group_size or n
     sdt = STORAGE_DTYPES[recipe.storage_dtype]
@@ -128,20 +129,38 @@ def select_global_index(reader: SafetensorsReader, cfg: ModelConfig, x: np.ndarr
                         batch_size: int, progress: bool, mesh: Any = None
                         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Pass 1 (fp model): per-layer λ = diag(H) of the residual-stream readers' inputs, then
-    Algorithm 1 (every such linear votes with its input's λ).
+    Algorithm 1 (`selection_index`).
 
     Returns the global index and λ per block ('attn_lambda', 'ffn_lambda': [layers, hidden],
-    original channel order) for inspection and plots."""
+    original channel order) for inspection, plots and reuse at another k (`quantize_checkpoint`'s
+    `selection`)."""
     attn, ffn = [], []
-    voters = [spec.LINEAR[name].reads for name in spec.hidden_readers()]
-    votes = []
     for i in tqdm(range(cfg.num_hidden_layers), desc="selecting weak channels", disable=not progress):
         layer = build_layer(cfg, i, _read_layer(reader, cfg, i))
         x, stats = run_block(layer, x, cfg, batch_size=batch_size, stats="diag", mesh=mesh)
-        votes += [stats[r] for r in voters]
         attn.append(stats[spec.ATTN_IN])
         ffn.append(stats[spec.FFN_IN])
-    return global_weak_index(votes, k), {"attn_lambda": np.stack(attn), "ffn_lambda": np.stack(ffn)}
+    selection = {"attn_lambda": np.stack(attn), "ffn_lambda": np.stack(ffn)}
+    return selection_index(selection, k), selection
+
+
+SELECTION_KEYS = {spec.ATTN_IN: "attn_lambda", spec.FFN_IN: "ffn_lambda"}  # pass 1's λ per activation
+
+
+def selection_index(selection: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """Algorithm 1 on pass 1's λ: every residual-stream reader of every layer votes with its
+    input's λ (layer by layer, readers in block order)."""
+    voters = [SELECTION_KEYS[spec.LINEAR[name].reads] for name in spec.hidden_readers()]
+    layers = len(selection["attn_lambda"])
+    return global_weak_index([selection[key][i] for i in range(layers) for key in voters], k)
+
+
+def _check_selection(selection: dict[str, np.ndarray], cfg: ModelConfig) -> None:
+    want = (cfg.num_hidden_layers, cfg.hidden_size)
+    for key in SELECTION_KEYS.values():
+        if key not in selection or np.shape(selection[key]) != want:
+            raise ValueError(f"selection[{key!r}] must be λ of shape {want} (pass 1 of this model), got "
+                             f"{np.shape(selection[key]) if key in selection else 'nothing'}")
 
 
 def _read_layer(reader: SafetensorsReader, cfg: ModelConfig, i: int) -> dict[str, np.ndarray]:
@@ -153,23 +172,29 @@ def _read_layer(reader: SafetensorsReader, cfg: ModelConfig, i: int) -> dict[str
 def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np.ndarray, *,
                         batch_size: int = 8, progress: bool = True, overwrite: bool = False,
                         meta: dict[str, Any] | None = None,
-                        on_block: Callable[[int, float], None] | None = None, mesh: Any = None
-                        ) -> dict[str, Any]:
+                        on_block: Callable[[int, float], None] | None = None, mesh: Any = None,
+                        selection: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Quantize the fp checkpoint at `src` into a packed checkpoint at `out`. Returns a summary.
 
     mesh: a jax.sharding.Mesh with a 'data' axis for data-parallel calibration (see run_block).
+    selection: pass 1's λ ('attn_lambda', 'ffn_lambda' [layers, hidden]; `checkpoint.read_selection`
+    of an earlier QEFT run) from the same source, calibration ids, batch size and mesh: pass 1 does
+    not depend on bits or k, so QEFT runs that differ only there share it instead of rerunning the
+    fp model.
 
     Host BLAS is limited to one thread while this runs: XLA's CPU Cholesky calls LAPACK, whose
     threads spin against XLA's own (measured: 6.6 s vs 0.33 s for one 1536² factorisation on two
     busy cores)."""
     with threadpool_limits(limits=1, user_api="blas"):
         return _quantize_checkpoint(src, out, recipe, calib_ids, batch_size=batch_size, progress=progress,
-                                    overwrite=overwrite, meta=meta, on_block=on_block, mesh=mesh)
+                                    overwrite=overwrite, meta=meta, on_block=on_block, mesh=mesh,
+                                    selection=selection)
 
 
 def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np.ndarray, *,
                          batch_size: int, progress: bool, overwrite: bool, meta: dict[str, Any] | None,
-                         on_block: Callable[[int, float], None] | None, mesh: Any) -> dict[str, Any]:
+                         on_block: Callable[[int, float], None] | None, mesh: Any,
+                         selection: dict[str, np.ndarray] | None) -> dict[str, Any]:
     t0 = time.time()
     out = Path(out)
     check_output_dir(out, overwrite=overwrite)
@@ -194,8 +219,12 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
     if work.global_idx is not None:
         global_idx = work.global_idx
     elif recipe.weak == "global" and recipe.k:
-        global_idx, selection = select_global_index(reader, cfg, x0, recipe.k, batch_size=batch_size,
-                                                    progress=progress, mesh=mesh)
+        if selection is None:
+            global_idx, selection = select_global_index(reader, cfg, x0, recipe.k, batch_size=batch_size,
+                                                        progress=progress, mesh=mesh)
+        else:
+            _check_selection(selection, cfg)
+            global_idx = selection_index(selection, recipe.k)
         work.save_selection(selection)
     else:
         global_idx = np.zeros(0, np.int32)
@@ -211,15 +240,17 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
     if work.done >= 0:  # resume after the last finished block
         for i in range(work.done + 1):
             tensors.update(work.load_block(i))
-        x, start = work.load_activations(), work.done + 1
+        x, start = (work.load_activations() if recipe.calibrated else x), work.done + 1
     bar = tqdm(range(start, cfg.num_hidden_layers), desc=f"quantizing ({recipe.method}, {recipe.bits}-bit)",
                disable=not progress, initial=start, total=cfg.num_hidden_layers)
     for i in bar:
         tb = time.time()
         dims = spec.layer_dims(cfg)
         t = spec.permute(_read_layer(reader, cfg, i), dims, {"hidden": perm})
-        _, hs = run_block(build_layer(cfg, i, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh,
-                          absmean=recipe.awq_grid > 0)
+        hs = {}
+        if recipe.calibrated:  # the fp block's statistics; its output is not needed
+            _, hs = run_block(build_layer(cfg, i, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh,
+                              absmean=recipe.awq_grid > 0, outputs=False)
         record: dict[str, Any] = {}
         if recipe.awq_grid:
             t, hs, record["awq_alpha"] = apply_awq(cfg, t, hs, recipe)
@@ -232,17 +263,18 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
         weak = _weak_indices(recipe, t, hs)
         replace, layer_t = {}, {name: t[name] for name in spec.norm_dims(cfg)}
         for lin in spec.LINEARS:
-            packed = quantize_linear(t[lin.name + ".weight"], hs[lin.reads], weak[lin.name], recipe)
+            packed = quantize_linear(t[lin.name + ".weight"], hs.get(lin.reads), weak[lin.name], recipe)
             if lin.name + ".bias" in t:
                 packed["bias"] = t[lin.name + ".bias"].astype(sdt)
             replace[lin.name] = QEFTLinear(linear_spec(cfg, recipe, lin.name), bias="bias" in packed,
                                            storage_dtype=jnp.dtype(recipe.storage_dtype))
             layer_t.update({f"{lin.name}.{f}": v for f, v in packed.items()})
-        x, _ = run_block(build_layer(cfg, i, layer_t, replace), x, cfg, batch_size=batch_size, mesh=mesh)
+        if recipe.calibrated:  # the next block's inputs: this block quantized (layer-sequential, as OPTQ)
+            x, _ = run_block(build_layer(cfg, i, layer_t, replace), x, cfg, batch_size=batch_size, mesh=mesh)
         block = {spec.layer_prefix(i) + k: v for k, v in layer_t.items()}
         block[spec.PERM_TENSORS["ffn"].format(i=i)] = ffn_perm
         tensors.update(block)
-        work.finish_block(i, block, x, record)
+        work.finish_block(i, block, x if recipe.calibrated else None, record)
         block_times.append(time.time() - tb)
         if on_block:
             on_block(i, block_times[-1])
@@ -326,15 +358,18 @@ class ResumeState:
         f = self.dir / SELECTION_FILE
         return {f.name: f.read_bytes()} if f.is_file() else {}
 
-    def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: np.ndarray,
+    def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: np.ndarray | None,
                      record: dict[str, Any] | None = None) -> None:
+        """Block i is done: its tensors, the next block's inputs x (None: a recipe without
+        calibration has none to keep) and what the summary reports."""
         self.done = i
         self.records[str(i)] = record or {}
         if not self.write:
             return
         atomic_file(self.dir / f"block_{i}.safetensors", lambda p: save_file(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
-        atomic_file(self.dir / f"x_{i}.npy", lambda p: _save_npy(p, x))
+        if x is not None:
+            atomic_file(self.dir / f"x_{i}.npy", lambda p: _save_npy(p, x))
         self._write_state()
         (self.dir / f"x_{i - 1}.npy").unlink(missing_ok=True)
 
