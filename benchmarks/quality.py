@@ -6,7 +6,8 @@
 dequantized to float32 here, so every method re-quantizes an already 4-bit-derived model.
 The final line is JSON: {"fp": ppl, "rtn_4": ppl, "gptq_4": ..., "awq_4": ..., "owq_4": ..., "qeft_4": ...,
 ...} (with --bits 3: "rtn_3", "gptq_3", "awq_3", ...). --out also writes the configuration, every row
-(perplexity, bytes, quantization and evaluation seconds) and the wall time to a JSON file.
+(perplexity, bytes, quantization and evaluation seconds) and the wall time to a JSON file, rewritten
+after every row ("complete": false until the last), so a run cut short still leaves its rows.
 
 The QEFT rows share one pass-1 weak-channel selection (it depends only on the fp model and the
 calibration ids, not on bits or k): the first QEFT row computes it, the others reuse it.
@@ -69,7 +70,20 @@ def main() -> None:
     fp16_bytes = 2 * sum(int(np.prod(shape)) for shape in _fp_linear_shapes(src).values())
     rows = [("fp", 16, "-", fp_ppl, fp16_bytes, 0.0, time.time() - t0)]  # the linears as fp16
     results = {"fp": fp_ppl}
+    print(f"  {'fp':12s} ppl {fp_ppl:9.3f}  (eval {rows[0][-1]:.0f} s)", flush=True)
     bit_widths = [int(b) for b in (a.bits or ("4" if a.quick else "4,3")).split(",")]
+    config = {"model": str(src), "calib_samples": calib_n, "calib_len": calib_len, "eval_samples": len(eval_ids),
+              "seq_len": a.seq_len, "group_size": a.group_size, "bits": bit_widths, "quick": a.quick}
+
+    def write_out(complete: bool) -> None:
+        if a.out:
+            keys = ("name", "bits", "k", "ppl", "linear_bytes", "quantize_seconds", "eval_seconds")
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps({"config": config, "complete": complete, "results": results,
+                                         "wall_seconds": round(time.time() - t_start, 1),
+                                         "rows": [dict(zip(keys, r)) for r in rows]}, indent=1) + "\n")
+
+    write_out(False)
     configs = []
     for bits in bit_widths:
         configs += [(m, bits, 16) for m in ("rtn", "gptq", "awq", "owq", "qeft")]
@@ -97,20 +111,14 @@ def main() -> None:
             results[name] = ppl
             rows.append((name, bits, kk, ppl, linear_bytes(out), secs, eval_secs))
             print(f"  {name:12s} ppl {ppl:9.3f}  (quantize {secs:.0f} s, eval {eval_secs:.0f} s)", flush=True)
+            write_out(False)
     print(f"\n{'method':12s} {'bits':>4s} {'k':>3s} {'ppl':>9s} {'vs fp':>7s} {'linear MB':>9s} {'quant s':>7s} "
           f"{'eval s':>6s}")
     for name, bits, k, ppl, nbytes, secs, eval_secs in rows:
         print(f"{name:12s} {bits:4d} {str(k):>3s} {ppl:9.3f} {100 * (ppl / fp_ppl - 1):+6.2f}% "
               f"{nbytes / 2**20:9.2f} {secs:7.1f} {eval_secs:6.1f}")
-    wall = time.time() - t_start
-    print(f"wall time {wall:.0f} s")
-    if a.out:
-        config = {"model": str(src), "calib_samples": calib_n, "calib_len": calib_len, "eval_samples": len(eval_ids),
-                  "seq_len": a.seq_len, "group_size": a.group_size, "bits": bit_widths, "quick": a.quick}
-        keys = ("name", "bits", "k", "ppl", "linear_bytes", "quantize_seconds", "eval_seconds")
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"config": config, "results": results, "wall_seconds": round(wall, 1),
-                                     "rows": [dict(zip(keys, r)) for r in rows]}, indent=1) + "\n")
+    print(f"wall time {time.time() - t_start:.0f} s")
+    write_out(True)
     print(json.dumps(results))
 
 
