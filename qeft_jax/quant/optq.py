@@ -28,12 +28,12 @@ def damp_hessian(h: jax.Array, percdamp: float) -> tuple[jax.Array, jax.Array]:
 def upper_cholesky_inverse(h: jax.Array) -> jax.Array:
     """U upper triangular with H⁻¹ = Uᵀ U (the factor OPTQ iterates over).
 
-    With J the order reversal and J H J = L Lᵀ, U = J L⁻¹ J: one Cholesky and one triangular
-    inverse, half the work of forming H⁻¹ and factoring it again (the reference recipe), and H⁻¹
-    is never formed."""
-    lower = jnp.linalg.cholesky(h[::-1, ::-1])
-    linv = jax.scipy.linalg.solve_triangular(lower, jnp.eye(h.shape[0], dtype=h.dtype), lower=True)
-    return linv[::-1, ::-1]
+    (Factoring the reversed H once, U = J L⁻¹ J, is 1.3-2.5x faster but changes the codes' rounding
+    on the default model, and a 4-sequence GPTQ run's perplexity moved 0.9%: not adopted.)"""
+    n = h.shape[0]
+    lower = jnp.linalg.cholesky(h)
+    hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(n, dtype=h.dtype))
+    return jnp.linalg.cholesky(hinv).T
 
 
 @partial(jax.jit, static_argnames=("bits", "group_size", "act_order", "block", "percdamp"))
