@@ -1,11 +1,16 @@
 """Quantization quality on the default model: perplexity, bytes and time per method, side by side.
 
-    python benchmarks/quality.py [--quick] [--model default|DIR]
+    python benchmarks/quality.py [--quick] [--model default|DIR] [--out docs/results/quality_full.json]
 
 "fp" is the default model as shipped: its weights were stored as GGUF Q4_1 (32-blocks) and are
 dequantized to float32 here, so every method re-quantizes an already 4-bit-derived model.
 The final line is JSON: {"fp": ppl, "rtn_4": ppl, "gptq_4": ..., "awq_4": ..., "owq_4": ..., "qeft_4": ...,
-...} (with --bits 3: "rtn_3", "gptq_3", "awq_3", ...).
+...} (with --bits 3: "rtn_3", "gptq_3", "awq_3", ...). --out also writes the configuration, every row
+(perplexity, bytes, quantization and evaluation seconds) and the wall time to a JSON file, rewritten
+after every row ("complete": false until the last), so a run cut short still leaves its rows.
+
+The QEFT rows share one pass-1 weak-channel selection (it depends only on the fp model and the
+calibration ids, not on bits or k): the first QEFT row computes it, the others reuse it.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import numpy as np
 
 
 from qeft_jax import data, load_model
+from qeft_jax.checkpoint import read_selection
 from qeft_jax.eval.perplexity import perplexity
 from qeft_jax.load import resolve
 from qeft_jax.quant.pipeline import quantize_checkpoint
@@ -47,7 +53,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--bits", default=None, help="comma-separated bit widths (default: 4 with --quick, else 4,3)")
+    p.add_argument("--out", type=Path, default=None, help="also write the results (rows, timings, config) here")
     a = p.parse_args()
+    t_start = time.time()
     calib_n = a.calib_samples or (16 if a.quick else 128)
     calib_len = a.calib_len or 512
     eval_n = a.eval_samples or (24 if a.quick else 120)
@@ -57,35 +65,60 @@ def main() -> None:
     eval_ids = data.token_sequences(tok, data.corpus_texts("eval"), a.seq_len, eval_n, seed=None)
     calib_ids = data.token_sequences(tok, data.corpus_texts("calib"), calib_len, calib_n, seed=0)
     print(f"model {src} | calibration {calib_n} x {calib_len} tokens | eval {len(eval_ids)} x {a.seq_len}")
+    t0 = time.time()
     fp_ppl, _ = perplexity(model, eval_ids, progress=False)
     fp16_bytes = 2 * sum(int(np.prod(shape)) for shape in _fp_linear_shapes(src).values())
-    rows = [("fp", 16, "-", fp_ppl, fp16_bytes, 0.0)]  # the linears as fp16
+    rows = [("fp", 16, "-", fp_ppl, fp16_bytes, 0.0, time.time() - t0)]  # the linears as fp16
     results = {"fp": fp_ppl}
+    print(f"  {'fp':12s} ppl {fp_ppl:9.3f}  (eval {rows[0][-1]:.0f} s)", flush=True)
     bit_widths = [int(b) for b in (a.bits or ("4" if a.quick else "4,3")).split(",")]
+    config = {"model": str(src), "calib_samples": calib_n, "calib_len": calib_len, "eval_samples": len(eval_ids),
+              "seq_len": a.seq_len, "group_size": a.group_size, "bits": bit_widths, "quick": a.quick}
+
+    def write_out(complete: bool) -> None:
+        if a.out:
+            keys = ("name", "bits", "k", "ppl", "linear_bytes", "quantize_seconds", "eval_seconds")
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps({"config": config, "complete": complete, "results": results,
+                                         "wall_seconds": round(time.time() - t_start, 1),
+                                         "rows": [dict(zip(keys, r)) for r in rows]}, indent=1) + "\n")
+
+    write_out(False)
     configs = []
     for bits in bit_widths:
         configs += [(m, bits, 16) for m in ("rtn", "gptq", "awq", "owq", "qeft")]
         if not a.quick:
             configs.append(("qeft", bits, 32))
     del model
+    selection = None  # pass 1 of the first QEFT row, reused by the others
     with tempfile.TemporaryDirectory() as tmp:
         for method, bits, k in configs:
             kk = k if method in ("qeft", "owq") else 0
             recipe = make_recipe(method, bits=bits, group_size=a.group_size, k=kk)
             out = Path(tmp) / f"{method}_{bits}_{k}"
             t0 = time.time()
-            quantize_checkpoint(src, out, recipe, calib_ids, progress=False)
+            quantize_checkpoint(src, out, recipe, calib_ids, progress=False,
+                                selection=selection if method == "qeft" else None)
             secs = time.time() - t0
+            if method == "qeft" and selection is None:
+                attn, ffn, _, _ = read_selection(out)
+                selection = {"attn_lambda": attn, "ffn_lambda": ffn}
+            t0 = time.time()
             qmodel, _, _ = load_model(out)
             ppl, _ = perplexity(qmodel, eval_ids, progress=False)
+            eval_secs = time.time() - t0
             name = f"{method}_{bits}" + (f"_k{k}" if method == "qeft" and k != 16 else "")
             results[name] = ppl
-            rows.append((name, bits, kk, ppl, linear_bytes(out), secs))
-            print(f"  {name:12s} ppl {ppl:9.3f}  ({secs:.0f} s)", flush=True)
-    print(f"\n{'method':12s} {'bits':>4s} {'k':>3s} {'ppl':>9s} {'vs fp':>7s} {'linear MB':>9s} {'time s':>7s}")
-    for name, bits, k, ppl, nbytes, secs in rows:
+            rows.append((name, bits, kk, ppl, linear_bytes(out), secs, eval_secs))
+            print(f"  {name:12s} ppl {ppl:9.3f}  (quantize {secs:.0f} s, eval {eval_secs:.0f} s)", flush=True)
+            write_out(False)
+    print(f"\n{'method':12s} {'bits':>4s} {'k':>3s} {'ppl':>9s} {'vs fp':>7s} {'linear MB':>9s} {'quant s':>7s} "
+          f"{'eval s':>6s}")
+    for name, bits, k, ppl, nbytes, secs, eval_secs in rows:
         print(f"{name:12s} {bits:4d} {str(k):>3s} {ppl:9.3f} {100 * (ppl / fp_ppl - 1):+6.2f}% "
-              f"{nbytes / 2**20:9.2f} {secs:7.1f}")
+              f"{nbytes / 2**20:9.2f} {secs:7.1f} {eval_secs:6.1f}")
+    print(f"wall time {time.time() - t_start:.0f} s")
+    write_out(True)
     print(json.dumps(results))
 
 

@@ -51,6 +51,12 @@ class QuantRecipe:
         """The dtype the weak columns are stored in."""
         return self.weak_dtype or self.storage_dtype
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether quantizing reads calibration statistics (OPTQ's Hessians, AWQ's scale search, weak
+        column selection). Plain RTN does not, so the pipeline skips its calibration passes."""
+        return self.optq or self.awq_grid > 0 or self.weak != "none"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -549,6 +549,30 @@ def test_e2e_metadata_and_weak_index(quantized):
             assert sorted(perm) == list(range(len(perm)))
 
 
+def test_e2e_reused_selection_gives_the_same_checkpoint(quantized, tmp_path):
+    """Pass 1 depends on neither bits nor k: a run given an earlier run's λ (at another k and bits)
+    writes the checkpoint its own pass 1 would; RTN, which needs no calibration, ignores it."""
+    from safetensors.numpy import load_file
+
+    from qeft_jax.checkpoint import read_selection
+    from qeft_jax.quant.pipeline import quantize_checkpoint
+
+    src, out = quantized
+    attn, ffn, _, _ = read_selection(out["qeft"][0])
+    cfg = json.loads((src / "config.json").read_text())
+    calib = np.random.default_rng(0).integers(0, cfg["vocab_size"], (8, 32))  # the fixture's
+    recipe = make_recipe("qeft", bits=3, group_size=16, k=K - 1)
+    own = quantize_checkpoint(src, tmp_path / "own", recipe, calib, progress=False)
+    reused = quantize_checkpoint(src, tmp_path / "reused", recipe, calib, progress=False,
+                                 selection={"attn_lambda": attn, "ffn_lambda": ffn})
+    assert reused["global_weak_index"] == own["global_weak_index"]
+    a, b = load_file(tmp_path / "own" / "model.safetensors"), load_file(tmp_path / "reused" / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="attn_lambda"):
+        quantize_checkpoint(src, tmp_path / "bad", recipe, calib, progress=False,
+                            selection={"attn_lambda": attn[1:], "ffn_lambda": ffn})
+
+
 def test_e2e_tampered_checkpoint_is_rejected(quantized, tmp_path):
     from qeft_jax import load_model
     from qeft_jax.io import CheckpointError

@@ -51,12 +51,14 @@ def absmean_key(activation: str) -> str:
     return f"{activation}.absmean"
 
 
-@partial(jax.jit, static_argnames=("graphdef", "stats", "shardings", "absmean"))
+@partial(jax.jit, static_argnames=("graphdef", "stats", "shardings", "absmean", "outputs"))
 def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, stats: str,
                weights: jax.Array | None = None, shardings: tuple[Any, Any] | None = None,
-               absmean: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+               absmean: bool = False, outputs: bool = True) -> tuple[jax.Array | None, dict[str, jax.Array]]:
     """weights [B] (0/1) drop padded sequences from the statistics; shardings = (activations,
-    statistics) output shardings under a mesh. Both None: the plain single-device pass."""
+    statistics) output shardings under a mesh. Both None: the plain single-device pass.
+    outputs=False returns no block output, so XLA drops the work only it needs (down_proj, the
+    residual add) and nothing is copied back to the host."""
     layer = nnx.merge(graphdef, state)
     b, t, _ = x.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -75,7 +77,7 @@ def _run_block(graphdef: Any, state: Any, x: jax.Array, inv_freq: jax.Array, sta
     if shardings is not None:  # y stays split over 'data'; the token sums become an all-reduce
         y = jax.lax.with_sharding_constraint(y, shardings[0])
         out = {k: jax.lax.with_sharding_constraint(v, shardings[1]) for k, v in out.items()}
-    return y, out
+    return (y if outputs else None), out
 
 
 def run_block(layer: DecoderLayer, x: Rows, cfg: ModelConfig, *, batch_size: int, stats: str = "none",
@@ -86,9 +88,9 @@ def run_block(layer: DecoderLayer, x: Rows, cfg: ModelConfig, *, batch_size: int
 
     stats: 'none' | 'diag' (Σ 2x², for selection) | 'full' (2XᵀX, for OPTQ); averaged per token.
     out: where each batch's outputs are written (cast to its dtype); `x` itself updates in place
-    (a batch is read before its outputs overwrite it), None discards them. No list of per-batch
-    outputs and no concatenated copy: the activations are held once, in `x` (see
-    `activation_buffer`).
+    (a batch is read before its outputs overwrite it); None: the outputs are not computed at all
+    (statistics only: XLA skips down_proj and the host copy). No list of per-batch outputs and no
+    concatenated copy: the activations are held once, in `x` (see `activation_buffer`).
     absmean: also Σ|x| per channel averaged per token (AWQ's s_x), keyed `absmean_key(activation)`.
     mesh: None (one device) or a jax.sharding.Mesh with a 'data' axis (qeft_jax.sharding.make_mesh):
     then batch_size is the global batch, rounded up to a multiple of the 'data' size, and a final
@@ -96,19 +98,22 @@ def run_block(layer: DecoderLayer, x: Rows, cfg: ModelConfig, *, batch_size: int
     """
     graphdef, state = nnx.split(layer)
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    run: Callable[[np.ndarray], tuple[np.ndarray, dict[str, jax.Array]]]
+    outputs = out is not None
+    run: Callable[[np.ndarray], tuple[np.ndarray | None, dict[str, jax.Array]]]
     if mesh is None:
-        def run(xb: np.ndarray) -> tuple[np.ndarray, dict[str, jax.Array]]:
-            y, s = _run_block(graphdef, state, jnp.asarray(xb), inv_freq, stats, absmean=absmean)
-            return np.asarray(y), s
+        def run(xb: np.ndarray) -> tuple[np.ndarray | None, dict[str, jax.Array]]:
+            y, s = _run_block(graphdef, state, jnp.asarray(xb), inv_freq, stats, absmean=absmean, outputs=outputs)
+            return (np.asarray(y) if outputs else None), s
         batch = batch_size
     else:
         run, batch = _sharded_runner(graphdef, state, inv_freq, x.shape[0], batch_size=batch_size, stats=stats,
-                                     mesh=mesh, absmean=absmean)
+                                     mesh=mesh, absmean=absmean, outputs=outputs)
+    host = np.asarray if mesh is None else shd.to_host
     acc: dict[str, jax.Array] = {}
     for start in range(0, x.shape[0], batch):
         y, s = run(np.asarray(x[start:start + batch], np.float32))
-        if not np.all(np.isfinite(y)):
+        # without outputs the statistics carry a NaN/Inf the block produced
+        if not all(np.all(np.isfinite(host(v))) for v in ([y] if outputs else list(s.values()))):
             raise CalibrationError("calibration activations became NaN/Inf inside a block: the weights or "
                                    "the calibration data are broken")
         if out is not None:
@@ -118,12 +123,12 @@ def run_block(layer: DecoderLayer, x: Rows, cfg: ModelConfig, *, batch_size: int
         if on_batch:
             on_batch()
     tokens = x.shape[0] * x.shape[1]
-    return {k: np.asarray(v if mesh is None else shd.to_host(v)) / tokens for k, v in acc.items()}
+    return {k: host(v) / tokens for k, v in acc.items()}
 
 
 def _sharded_runner(graphdef: Any, state: Any, inv_freq: jax.Array, n: int, *, batch_size: int, stats: str,
-                    mesh: Any, absmean: bool) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, dict[str, jax.Array]]],
-                                                       int]:
+                    mesh: Any, absmean: bool, outputs: bool
+                    ) -> tuple[Callable[[np.ndarray], tuple[np.ndarray | None, dict[str, jax.Array]]], int]:
     """run_block's per-batch step data-parallel over mesh's 'data' axis (weights replicated,
     Hessians all-reduced), and its batch size (every batch the same shape)."""
     n_dev = shd.data_size(mesh)
@@ -133,15 +138,15 @@ def _sharded_runner(graphdef: Any, state: Any, inv_freq: jax.Array, n: int, *, b
     inv_freq = jax.device_put(inv_freq, rep)
     shardings = (shd.data_sharding(mesh), rep)
 
-    def run(xb: np.ndarray) -> tuple[np.ndarray, dict[str, jax.Array]]:
+    def run(xb: np.ndarray) -> tuple[np.ndarray | None, dict[str, jax.Array]]:
         real = xb.shape[0]
         weights = np.zeros(batch, np.float32)
         weights[:real] = 1.0
         if real < batch:  # pad with copies of real sequences (finite), weighted zero
             xb = np.concatenate([xb, xb[np.arange(batch - real) % real]])
         y, s = _run_block(graphdef, state, shd.shard_batch(xb, mesh), inv_freq, stats,
-                          shd.shard_batch(weights, mesh), shardings, absmean)
-        return shd.to_host(y)[:real], s
+                          shd.shard_batch(weights, mesh), shardings, absmean, outputs)
+        return (shd.to_host(y)[:real] if outputs else None), s
     return run, batch
 
 

@@ -26,7 +26,10 @@ def damp_hessian(h: jax.Array, percdamp: float) -> tuple[jax.Array, jax.Array]:
 
 
 def upper_cholesky_inverse(h: jax.Array) -> jax.Array:
-    """U upper triangular with H⁻¹ = Uᵀ U (the factor OPTQ iterates over)."""
+    """U upper triangular with H⁻¹ = Uᵀ U (the factor OPTQ iterates over).
+
+    (Factoring the reversed H once, U = J L⁻¹ J, is 1.3-2.5x faster but changes the codes' rounding
+    on the default model, and a 4-sequence GPTQ run's perplexity moved 0.9%: not adopted.)"""
     n = h.shape[0]
     lower = jnp.linalg.cholesky(h)
     hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(n, dtype=h.dtype))
@@ -83,7 +86,8 @@ def optq(w: jax.Array, h: jax.Array, scales: jax.Array, zeros: jax.Array, weak_m
             w1 = (w1 - e[:, None] * u1[j][None, :]).at[:, j].set(q)  # U upper: cols >= j change; j := q
             return w1, err1.at[:, j].set(e)
 
-        w1, err1 = jax.lax.fori_loop(0, block, col_step, (w1, jnp.zeros((out, block), jnp.float32)))
+        # unrolled: XLA's per-iteration loop overhead dominates these small column updates on CPU
+        w1, err1 = jax.lax.fori_loop(0, block, col_step, (w1, jnp.zeros((out, block), jnp.float32)), unroll=8)
         later = jnp.where(cols[None, :] >= i1 + block, jax.lax.dynamic_slice(u, (i1, 0), (block, nb * block)), 0.0)
         wcur = wcur - err1 @ later
         return jax.lax.dynamic_update_slice(wcur, w1, (0, i1))

@@ -61,10 +61,11 @@ def check_calibration(ids: np.ndarray, cfg: ModelConfig) -> None:
         raise CalibrationError(f"calibration token ids must lie in [0, {cfg.vocab_size})")
 
 
-def quantize_linear(w: np.ndarray | jax.Array, h: np.ndarray | jax.Array, weak_idx: np.ndarray,
+def quantize_linear(w: np.ndarray | jax.Array, h: np.ndarray | jax.Array | None, weak_idx: np.ndarray,
                     recipe: QuantRecipe) -> dict[str, np.ndarray]:
-    """Grid search + (OPTQ or RTN) of one linear -> its packed tensors. A caller can hand over `w`
-    and `h` as device arrays and drop its host copies (the pipeline does)."""
+    """Grid search + (OPTQ or RTN) of one linear -> its packed tensors. h: its input's Hessian (OPTQ
+    only; None for a recipe without calibration). A caller can hand over `w` and `h` as device
+    arrays and drop its host copies (the pipeline does)."""
     out, n = w.shape
     g = recipe.group_size or n
     sdt = STORAGE_DTYPES[recipe.storage_dtype]
@@ -142,17 +143,35 @@ def select_global_index(reader: SafetensorsReader, cfg: ModelConfig, x: Rows, k:
     tokens) is overwritten block by block with the fp model's activations.
 
     Returns the global index and λ per block ('attn_lambda', 'ffn_lambda': [layers, hidden],
-    original channel order) for inspection and plots."""
+    original channel order) for inspection, plots and reuse at another k (`quantize_checkpoint`'s
+    `selection`)."""
     attn, ffn = [], []
-    voters = [spec.LINEAR[name].reads for name in spec.hidden_readers()]
-    votes = []
     for i in tqdm(range(cfg.num_hidden_layers), desc="selecting weak channels", disable=not progress):
         layer = build_layer(cfg, i, _read_layer(reader, cfg, i, {}))
         stats = run_block(layer, x, cfg, batch_size=batch_size, stats="diag", out=x, mesh=mesh)
-        votes += [stats[r] for r in voters]
         attn.append(stats[spec.ATTN_IN])
         ffn.append(stats[spec.FFN_IN])
-    return global_weak_index(votes, k), {"attn_lambda": np.stack(attn), "ffn_lambda": np.stack(ffn)}
+    selection = {"attn_lambda": np.stack(attn), "ffn_lambda": np.stack(ffn)}
+    return selection_index(selection, k), selection
+
+
+SELECTION_KEYS = {spec.ATTN_IN: "attn_lambda", spec.FFN_IN: "ffn_lambda"}  # pass 1's λ per activation
+
+
+def selection_index(selection: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """Algorithm 1 on pass 1's λ: every residual-stream reader of every layer votes with its
+    input's λ (layer by layer, readers in block order)."""
+    voters = [SELECTION_KEYS[spec.LINEAR[name].reads] for name in spec.hidden_readers()]
+    layers = len(selection["attn_lambda"])
+    return global_weak_index([selection[key][i] for i in range(layers) for key in voters], k)
+
+
+def _check_selection(selection: dict[str, np.ndarray], cfg: ModelConfig) -> None:
+    want = (cfg.num_hidden_layers, cfg.hidden_size)
+    for key in SELECTION_KEYS.values():
+        if key not in selection or np.shape(selection[key]) != want:
+            raise ValueError(f"selection[{key!r}] must be λ of shape {want} (pass 1 of this model), got "
+                             f"{np.shape(selection[key]) if key in selection else 'nothing'}")
 
 
 def _read_reordered(reader: SafetensorsReader, cfg: ModelConfig, name: str, dims: tuple[str, ...],
@@ -204,10 +223,15 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
                         batch_size: int = 8, progress: bool = True, overwrite: bool = False,
                         meta: dict[str, Any] | None = None,
                         on_block: Callable[[int, float], None] | None = None, mesh: Any = None,
-                        activations: str = "float32") -> dict[str, Any]:
+                        activations: str = "float32", selection: dict[str, np.ndarray] | None = None
+                        ) -> dict[str, Any]:
     """Quantize the fp checkpoint at `src` into a packed checkpoint at `out`. Returns a summary.
 
     mesh: a jax.sharding.Mesh with a 'data' axis for data-parallel calibration (see run_block).
+    selection: pass 1's λ ('attn_lambda', 'ffn_lambda' [layers, hidden]; `checkpoint.read_selection`
+    of an earlier QEFT run) from the same source, calibration ids, batch size and mesh: pass 1 does
+    not depend on bits or k, so QEFT runs that differ only there share it instead of rerunning the
+    fp model.
     activations: how the calibration activations are held between blocks (`activation_buffer`):
     'float32' (default), 'bfloat16' (half the memory, slightly different codes) or 'disk' (float32
     in a file beside `out`: the same codes as 'float32', ~one batch resident).
@@ -222,13 +246,13 @@ def quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np
     with threadpool_limits(limits=1, user_api="blas"):
         return _quantize_checkpoint(src, out, recipe, calib_ids, batch_size=batch_size, progress=progress,
                                     overwrite=overwrite, meta=meta, on_block=on_block, mesh=mesh,
-                                    activations=activations)
+                                    activations=activations, selection=selection)
 
 
 def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: np.ndarray, *,
                          batch_size: int, progress: bool, overwrite: bool, meta: dict[str, Any] | None,
-                         on_block: Callable[[int, float], None] | None, mesh: Any, activations: str
-                         ) -> dict[str, Any]:
+                         on_block: Callable[[int, float], None] | None, mesh: Any, activations: str,
+                         selection: dict[str, np.ndarray] | None) -> dict[str, Any]:
     t0 = time.time()
     out = Path(out)
     check_output_dir(out, overwrite=overwrite)
@@ -251,9 +275,13 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
         if work.global_idx is not None:
             global_idx = work.global_idx
         elif recipe.weak == "global" and recipe.k:
-            embed_calibration(reader, cfg, calib_ids, None, x)
-            global_idx, selection = select_global_index(reader, cfg, x, recipe.k, batch_size=batch_size,
-                                                        progress=progress, mesh=mesh)
+            if selection is None:
+                embed_calibration(reader, cfg, calib_ids, None, x)
+                global_idx, selection = select_global_index(reader, cfg, x, recipe.k, batch_size=batch_size,
+                                                            progress=progress, mesh=mesh)
+            else:
+                _check_selection(selection, cfg)
+                global_idx = selection_index(selection, recipe.k)
             work.save_selection(selection)
         else:
             global_idx = np.zeros(0, np.int32)
@@ -261,16 +289,16 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
         perm = weak_first_permutation(global_idx, d) if recipe.weak == "global" else np.arange(d, dtype=np.int32)
 
         start = work.done + 1  # resume after the last finished block
-        if start:
+        if start and recipe.calibrated:
             work.load_activations(x)
-        else:
+        elif recipe.calibrated:  # plain RTN reads no activations
             embed_calibration(reader, cfg, calib_ids, perm, x)
         bar = tqdm(range(start, cfg.num_hidden_layers), desc=f"quantizing ({recipe.method}, {recipe.bits}-bit)",
                    disable=not progress, initial=start, total=cfg.num_hidden_layers)
         for i in bar:
             tb = time.time()
             block, record = _quantize_block(reader, cfg, recipe, i, perm, x, batch_size=batch_size, mesh=mesh)
-            work.finish_block(i, block, x, record)  # the block lives in its file from here on
+            work.finish_block(i, block, x if recipe.calibrated else None, record)  # in its file from here on
             del block
             if on_block:
                 on_block(i, time.time() - tb)
@@ -297,8 +325,10 @@ def _quantize_block(reader: SafetensorsReader, cfg: ModelConfig, recipe: QuantRe
     dims = spec.layer_dims(cfg)
     sdt = STORAGE_DTYPES[recipe.storage_dtype]
     t = _read_layer(reader, cfg, i, {"hidden": perm})
-    hs = run_block(build_layer(cfg, i, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh,
-                   absmean=recipe.awq_grid > 0)
+    hs = {}
+    if recipe.calibrated:  # the fp block's statistics (its outputs are not needed: out=None)
+        hs = run_block(build_layer(cfg, i, t), x, cfg, batch_size=batch_size, stats="full", mesh=mesh,
+                       absmean=recipe.awq_grid > 0)
     record: dict[str, Any] = {}
     if recipe.awq_grid:
         t, hs, record["awq_alpha"] = apply_awq(cfg, t, hs, recipe)
@@ -314,7 +344,8 @@ def _quantize_block(reader: SafetensorsReader, cfg: ModelConfig, recipe: QuantRe
     for lin in spec.LINEARS:
         # handed over on the device: the host weight, and a Hessian after its last reader, go now
         w = jnp.asarray(t.pop(lin.name + ".weight"), jnp.float32)
-        h = jnp.asarray(hs.pop(lin.reads) if last[lin.reads] == lin.name else hs[lin.reads])
+        h = hs.pop(lin.reads, None) if last[lin.reads] == lin.name else hs.get(lin.reads)
+        h = None if h is None else jnp.asarray(h)
         packed = quantize_linear(w, h, weak[lin.name], recipe)
         del w, h
         if lin.name + ".bias" in t:
@@ -323,7 +354,8 @@ def _quantize_block(reader: SafetensorsReader, cfg: ModelConfig, recipe: QuantRe
                                        storage_dtype=jnp.dtype(recipe.storage_dtype))
         layer_t.update({f"{lin.name}.{f}": v for f, v in packed.items()})
     del t, hs  # the fp block and its Hessians are not needed for the quantized block's pass
-    run_block(build_layer(cfg, i, layer_t, replace), x, cfg, batch_size=batch_size, out=x, mesh=mesh)
+    if recipe.calibrated:  # the next block's inputs: this block quantized (layer-sequential, as OPTQ)
+        run_block(build_layer(cfg, i, layer_t, replace), x, cfg, batch_size=batch_size, out=x, mesh=mesh)
     block = {spec.layer_prefix(i) + k: v for k, v in layer_t.items()}
     block[spec.PERM_TENSORS["ffn"].format(i=i)] = ffn_perm
     return block, record
@@ -394,15 +426,18 @@ class ResumeState:
         f = self.dir / SELECTION_FILE
         return {f.name: f.read_bytes()} if f.is_file() else {}
 
-    def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: Rows,
+    def finish_block(self, i: int, tensors: dict[str, np.ndarray], x: Rows | None,
                      record: dict[str, Any] | None = None) -> None:
+        """Block i is done: its tensors, the next block's inputs x (None: a recipe without
+        calibration has none to keep) and what the summary reports."""
         self.done = i
         self.records[str(i)] = record or {}
         if not self.write:
             return
         atomic_file(self.dir / f"block_{i}.safetensors", lambda p: save_file(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
-        atomic_file(self.dir / f"x_{i}.npy", lambda p: save_npy_rows(p, x, np.float32))
+        if x is not None:
+            atomic_file(self.dir / f"x_{i}.npy", lambda p: save_npy_rows(p, x, np.float32))
         self._write_state()
         (self.dir / f"x_{i - 1}.npy").unlink(missing_ok=True)
 
