@@ -26,7 +26,29 @@ from qeft_jax import spec
 from qeft_jax.config import ModelConfig
 
 
-LOGIT_CHUNK = 1024  # longer sequences get their logits this many positions at a time (target_logprobs)
+# Chunk sizes, chosen on the main job's training step (2 micro-batches of 4 x 256 tokens, f32, CPU):
+# XLA's compiled temporaries 3.29 GiB whole, 2.61 with 128-query attention chunks (64: the same),
+# 2.33 with 256-token logit chunks as well.
+LOGIT_CHUNK = 256  # tokens (of all B·T) whose logits exist at a time (target_logprobs)
+ATTN_CHUNK = 128  # queries per attention chunk (Attention.attend): bounds the [heads, chunk, keys] scores
+
+
+def map_chunks(fn: Callable[..., Any], *xs: jax.Array, chunk: int) -> Any:
+    """`fn(*xs)` computed `chunk` positions of axis 1 at a time (the last chunk zero-padded), for an
+    `fn` that treats positions independently: a chunk's intermediates exist one chunk at a time, and
+    under jax.checkpoint the backward pass recomputes them instead of keeping every chunk's. Inputs of
+    at most `chunk` positions take the direct call. Returns fn's outputs with axis 1 cut back."""
+    t = xs[0].shape[1]
+    if t <= chunk:
+        return fn(*xs)
+    pad = -t % chunk
+
+    def split(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [T/chunk, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(x.shape[0], -1, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    ys = jax.lax.map(lambda c: jax.checkpoint(fn)(*c), tuple(split(x) for x in xs))
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(y.shape[1], -1, *y.shape[3:])[:, :t], ys)
 
 
 class Buffer(nnx.Variable):
@@ -154,12 +176,14 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, offset=cfg.norm_offset)
 
     def attend(self, x: jax.Array, positions: jax.Array, kv_valid: jax.Array,
-               inv_freq: jax.Array, cache: LayerCache | None, cache_index: jax.Array
+               inv_freq: jax.Array, cache: LayerCache | None, cache_index: jax.Array, chunk: int = ATTN_CHUNK
                ) -> tuple[jax.Array, LayerCache | None]:
         """Multi-head attention up to (not including) o_proj: [B, T, heads * head_dim].
 
         kv_valid: [B, S] (which key slots exist) or [B, T, S] (which keys each query may see, e.g.
-        one packed example per segment); either way combined with the causal mask."""
+        one packed example per segment); either way combined with the causal mask. The scores exist
+        for `chunk` queries at a time and the backward pass recomputes them (`map_chunks`): whole,
+        with their softmax and mask, they were most of a training step's activation memory."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -182,11 +206,16 @@ class Attention(nnx.Module):
             allowed &= k_slot > q_slot[:, None] - self.window
         allowed = allowed[None] & visible
         qg = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_kv_groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)
-        scores = softcap(scores * cfg.attention_scale, cfg.attn_logit_softcap)
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
+        k, v = k.astype(q.dtype), v.astype(self.dtype)
+
+        def chunk_out(q_c: jax.Array, allowed_c: jax.Array) -> jax.Array:
+            scores = jnp.einsum("btkgd,bskd->bkgts", q_c, k).astype(jnp.float32)
+            scores = softcap(scores * cfg.attention_scale, cfg.attn_logit_softcap)
+            scores = jnp.where(allowed_c[:, None, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+        out = map_chunks(chunk_out, qg, allowed, chunk=chunk)
         return out.reshape(b, t, -1), cache
 
 
@@ -221,15 +250,16 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def __call__(self, x, positions, kv_valid, inv_freq, cache, cache_index):
-        x, cache, _ = self.forward_with_inputs(x, positions, kv_valid, inv_freq, cache, cache_index)
+    def __call__(self, x, positions, kv_valid, inv_freq, cache, cache_index, attn_chunk: int = ATTN_CHUNK):
+        x, cache, _ = self.forward_with_inputs(x, positions, kv_valid, inv_freq, cache, cache_index, attn_chunk)
         return x, cache
 
-    def forward_with_inputs(self, x, positions, kv_valid, inv_freq, cache, cache_index):
+    def forward_with_inputs(self, x, positions, kv_valid, inv_freq, cache, cache_index,
+                            attn_chunk: int = ATTN_CHUNK):
         """The block, also returning the activation each linear reads, keyed as `spec.Linear.reads`
         (the calibration accumulates its statistics per key)."""
         a_in = self.input_layernorm(x)
-        o_in, cache = self.self_attn.attend(a_in, positions, kv_valid, inv_freq, cache, cache_index)
+        o_in, cache = self.self_attn.attend(a_in, positions, kv_valid, inv_freq, cache, cache_index, attn_chunk)
         attn = self.self_attn.o_proj(o_in)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
@@ -286,11 +316,9 @@ class CausalLM(nnx.Module):
     def target_logprobs(self, h: jax.Array, targets: jax.Array, *, chunk: int = LOGIT_CHUNK
                         ) -> tuple[jax.Array, jax.Array]:
         """(log p(targets) [B, T] float32, whether each target is the argmax [B, T]) from final
-        states h [B, T, hidden]. Logits exist for `chunk` positions at a time, never as a whole
-        [B, T, vocab] array (with a 49k-128k vocabulary that array and its gradient dominate the
-        memory of training and evaluation), and are recomputed in the backward pass. Sequences of
-        at most `chunk` positions take the direct path (measured on CPU: chunking 512 positions
-        costs ~20% of a perplexity pass and did not lower the main job's peak RSS)."""
+        states h [B, T, hidden]. Logits exist for `chunk` tokens (of all B·T) at a time, never as a
+        whole [B, T, vocab] array (with a 49k-128k vocabulary that array and its gradient dominate the
+        memory of training and evaluation), and are recomputed in the backward pass (`map_chunks`)."""
         b, t, d = h.shape
 
         def one(h_c: jax.Array, t_c: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -298,25 +326,21 @@ class CausalLM(nnx.Module):
             picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
             return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == t_c
 
-        if t <= chunk:
-            return one(h, targets)
-        pad = -t % chunk
-        hc = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
-        tc = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
-        logp, greedy = jax.lax.map(lambda xs: jax.checkpoint(one)(*xs), (hc, tc))
-        unchunk = lambda a: a.swapaxes(0, 1).reshape(b, -1)[:, :t]
-        return unchunk(logp), unchunk(greedy)
+        logp, greedy = map_chunks(one, h.reshape(1, b * t, d), targets.reshape(1, b * t), chunk=chunk)
+        return logp.reshape(b, t), greedy.reshape(b, t)
 
     def hidden(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                cache: list[LayerCache] | None = None, cache_index: jax.Array | int = 0,
-               remat: bool = False) -> tuple[jax.Array, list[LayerCache] | None]:
-        """The one forward loop, up to the final states [B, T, hidden] (before the final norm). With `cache`, keys/values of this chunk are written at `cache_index`
-        and `attention_mask` covers all cache slots [B, S_max]; without, it covers the T inputs. A
-        [B, T, S] mask says per query which keys it may see (packed training rows, with their own
-        `positions`). `remat` rematerialises each block in the backward pass (training memory).
-        `inputs_embeds` [B, T, hidden] replaces the embedding lookup of `input_ids` (give one of the
-        two): e.g. to differentiate with respect to the block stack's input."""
+               remat: bool = False, attn_chunk: int = ATTN_CHUNK) -> tuple[jax.Array, list[LayerCache] | None]:
+        """The one forward loop, up to the final states [B, T, hidden] (before the final norm). With
+        `cache`, keys/values of this chunk are written at `cache_index` and `attention_mask` covers
+        all cache slots [B, S_max]; without, it covers the T inputs. A [B, T, S] mask says per query
+        which keys it may see (packed training rows, with their own `positions`). `remat`
+        rematerialises each block in the backward pass (training memory); `attn_chunk` is the
+        attention's query chunk (`Attention.attend`). `inputs_embeds` [B, T, hidden] replaces the
+        embedding lookup of `input_ids` (give one of the two): e.g. to differentiate with respect to
+        the block stack's input."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.hidden_states(input_ids) if inputs_embeds is None else inputs_embeds
@@ -335,11 +359,12 @@ class CausalLM(nnx.Module):
                 gd, st = nnx.split(layer)
 
                 def block(st, x, gd=gd):
-                    return nnx.merge(gd, st)(x, positions, kv_valid, inv_freq, None, cache_index)[0]
+                    return nnx.merge(gd, st)(x, positions, kv_valid, inv_freq, None, cache_index, attn_chunk)[0]
 
                 x = jax.checkpoint(block)(st, x)
                 continue
-            x, c = layer(x, positions, kv_valid, inv_freq, None if cache is None else cache[i], cache_index)
+            x, c = layer(x, positions, kv_valid, inv_freq, None if cache is None else cache[i], cache_index,
+                         attn_chunk)
             if new_cache is not None:
                 new_cache.append(c)
         return x, new_cache

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from qeft_jax import tokenization
 from qeft_jax.io import SafetensorsReader
@@ -231,7 +232,8 @@ def test_gradients_and_optimizer_state_only_for_weak_columns(qdirs):
     graphdef, trainable, frozen = split_trainable(model, "qeft")
     weak = nnx_flat(trainable)
     assert weak and all(k.endswith(".weak") for k in weak)
-    assert all(isinstance(v, WeakColumns) for v in jax.tree.leaves(trainable, is_leaf=lambda x: isinstance(x, WeakColumns)))
+    is_weak = lambda x: isinstance(x, WeakColumns)
+    assert all(is_weak(v) for v in jax.tree.leaves(trainable, is_leaf=is_weak))
     assert not any(k.endswith(".weak") for k in nnx_flat(frozen))
     tx, _ = make_optimizer(1e-3, TrainConfig(model="", out=""))
     opt = tx.init(trainable)
@@ -447,3 +449,33 @@ def test_packed_row_equals_examples_alone(qdirs):
     # the old whole-row causal attention gives a different loss: the test can tell them apart
     plain = float(loss_sums(trainable, frozen, packed.tokens, w)[0])
     assert abs(plain - want) > 1e-3 * abs(want)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_chunked_attention_matches_whole_on_packed_rows(qdirs, remat):
+    """The trainer's loss over packed rows (per-example positions and block-diagonal masks, padding)
+    and its weak-column gradient are the same with query-chunked attention and chunked logits as
+    with whole attention and whole logits."""
+    from train.trainer import build_model, segment_layout, split_trainable
+
+    _, q = qdirs
+    tok = StubTokenizer(chat=True)
+    enc = [tdata.encode_example(tok, e) for e in examples(5)]
+    seq = (sum(len(i) for i, _ in enc[:3]) + 5) | 1  # odd length, up to three examples per row, padded ends
+    packed = tdata.pack(enc, seq, 0)
+    assert len(packed) >= 2 and packed.segments.max() >= 2 and (packed.segments == 0).any()
+    tokens, w = jnp.asarray(packed.tokens), jnp.asarray(packed.loss_weights())
+    positions, visible = segment_layout(jnp.asarray(packed.segments))
+    model, _, _, _ = build_model(q, "qeft", dtype=jnp.float32, lora_rank=4, lora_alpha=8, seed=0)
+    graphdef, trainable, frozen = split_trainable(model, "qeft")
+
+    def loss(tr, chunk):
+        m = nnx.merge(graphdef, tr, frozen)
+        h, _ = m.hidden(tokens, attention_mask=visible, positions=positions, remat=remat, attn_chunk=chunk)
+        return -jnp.sum(m.target_logprobs(h[:, :-1], tokens[:, 1:], chunk=chunk)[0] * w[:, 1:])
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (l, g), (l_ref, g_ref) = grad(trainable, 7), grad(trainable, 1 << 20)
+    assert float(l) == pytest.approx(float(l_ref), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
