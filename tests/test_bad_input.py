@@ -280,13 +280,13 @@ def test_corrupt_write_midway_leaves_previous_checkpoint(converted, tmp_path, mo
     out = tmp_path / "ckpt"
     shutil.copytree(converted["gqa_untied"], out)
     before = (out / "model.safetensors").read_bytes()
-    real_save = qio.save_file
+    real_write = qio.write_safetensors
 
-    def crash_after_partial_write(tensors, path, metadata=None):
-        real_save(dict(list(tensors.items())[:3]), path, metadata=metadata)
+    def crash_after_partial_write(path, tensors, metadata=None):
+        real_write(path, dict(list(tensors.items())[:3]), metadata=metadata)
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(qio, "save_file", crash_after_partial_write)
+    monkeypatch.setattr(qio, "write_safetensors", crash_after_partial_write)
     with pytest.raises(OSError, match="simulated"):
         from_hf.convert(converted["mha_tied"], out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
