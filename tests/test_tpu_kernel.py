@@ -167,7 +167,7 @@ def _random_quantized_model(dtype, bits=4, group_size=128, k=16, layers=1):
             sp = node.spec
             _, qw, s, z, weak, idx = random_inputs(
                 sp.out_features, sp.in_features, bits=sp.bits, group_size=sp.group_size, k=sp.k,
-                dtype=jnp.float16, scattered=True, seed=len(tensors))
+                dtype=jnp.float16, scattered=not sp.weak_first, seed=len(tensors))  # OGR: weak first
             s = s / 16  # keep the random network's activations in a sane range
             weak = weak / 16
             for name, v in zip(("qweight", "scales", "zeros", "weak", "weak_idx"), (qw, s, z, weak, idx)):

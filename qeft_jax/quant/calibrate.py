@@ -113,7 +113,7 @@ def run_block(layer: DecoderLayer, x: Rows, cfg: ModelConfig, *, batch_size: int
     for start in range(0, x.shape[0], batch):
         y, s = run(np.asarray(x[start:start + batch], np.float32))
         # without outputs the statistics carry a NaN/Inf the block produced
-        if not all(np.all(np.isfinite(host(v))) for v in ([y] if outputs else list(s.values()))):
+        if not all(np.all(np.isfinite(v)) for v in ([y] if outputs else [host(v) for v in s.values()])):
             raise CalibrationError("calibration activations became NaN/Inf inside a block: the weights or "
                                    "the calibration data are broken")
         if out is not None:
