@@ -112,10 +112,8 @@ def run_block(layer: DecoderLayer, x: Rows, cfg: ModelConfig, *, batch_size: int
     acc: dict[str, jax.Array] = {}
     for start in range(0, x.shape[0], batch):
         y, s = run(np.asarray(x[start:start + batch], np.float32))
-        # without outputs the statistics carry a NaN/Inf the block produced
-        if not all(np.all(np.isfinite(v)) for v in ([y] if outputs else [host(v) for v in s.values()])):
-            raise CalibrationError("calibration activations became NaN/Inf inside a block: the weights or "
-                                   "the calibration data are broken")
+        if outputs and not np.all(np.isfinite(y)):
+            raise _nonfinite()
         if out is not None:
             out[start:start + len(y)] = y
         for k, v in s.items():
@@ -123,7 +121,16 @@ def run_block(layer: DecoderLayer, x: Rows, cfg: ModelConfig, *, batch_size: int
         if on_batch:
             on_batch()
     tokens = x.shape[0] * x.shape[1]
-    return {k: host(v) / tokens for k, v in acc.items()}
+    stats_out = {k: host(v) / tokens for k, v in acc.items()}
+    # without outputs, the summed statistics carry a NaN/Inf the block produced: one check, on the host once
+    if not outputs and not all(np.all(np.isfinite(v)) for v in stats_out.values()):
+        raise _nonfinite()
+    return stats_out
+
+
+def _nonfinite() -> CalibrationError:
+    return CalibrationError("calibration activations became NaN/Inf inside a block: the weights or "
+                            "the calibration data are broken")
 
 
 def _sharded_runner(graphdef: Any, state: Any, inv_freq: jax.Array, n: int, *, batch_size: int, stats: str,
