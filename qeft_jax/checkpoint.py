@@ -23,12 +23,15 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from functools import partial
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import Sharding
 from safetensors.numpy import load_file
 
 from qeft_jax import spec
@@ -55,12 +58,14 @@ ANY_FLOAT = None   # dtype rule of fp tensors: any floating type, finite
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
-    """What a checkpoint directory is, from its small files (no tensor is read)."""
+    """What a checkpoint directory is, from its small files (no tensor is read); `load_checkpoint`
+    adds how many tensor bytes this process read to load it."""
 
     path: Path
     config: ModelConfig
     recipe: QuantRecipe | None      # None: an fp checkpoint
     meta: Mapping[str, Any]         # quantization.json (empty for fp)
+    bytes_read: int = 0
 
     @property
     def quantized(self) -> bool:
@@ -178,9 +183,10 @@ def expected_tensors(cfg: ModelConfig, recipe: QuantRecipe | None = None
     return want
 
 
-def check_tensors(want: Mapping[str, tuple[tuple[int, ...], Any]], tensors: Mapping[str, np.ndarray], *,
-                  source: str) -> None:
-    """Every wanted tensor present with its shape and dtype; fp tensors floating point and finite."""
+def check_tensors(want: Mapping[str, tuple[tuple[int, ...], Any]], tensors: Mapping[str, np.ndarray | LazyArray],
+                  *, source: str, finite: bool = True) -> None:
+    """Every wanted tensor present with its shape and dtype; fp tensors floating point and (unless
+    `finite` is False: the caller checks what it reads) finite."""
     missing = [k for k in want if k not in tensors]
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} tensor(s) the config needs are missing, e.g. "
@@ -193,7 +199,7 @@ def check_tensors(want: Mapping[str, tuple[tuple[int, ...], Any]], tensors: Mapp
         if dtype is ANY_FLOAT:
             if not np.issubdtype(np.dtype(t.dtype), np.floating) and np.dtype(t.dtype).name != "bfloat16":
                 raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected a float type")
-            if not all_finite(t):
+            if finite and not all_finite(t):
                 raise CheckpointError(f"{source}: tensor '{k}' contains NaN or Inf")
         elif t.dtype != dtype:
             raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected {np.dtype(dtype)}")
@@ -235,6 +241,34 @@ def read_tensors(info: CheckpointInfo, *, verify: bool = True) -> dict[str, np.n
     if info.recipe is not None:
         check_weak_indices(info.config, info.recipe, tensors, source=str(info.path))
     return tensors
+
+
+def read_sharded(info: CheckpointInfo, sharding: Callable[[tuple[int, ...]], Sharding]
+                 ) -> tuple[dict[str, jax.Array], int]:
+    """Every tensor of the checkpoint as a global array laid out by `sharding(shape)`, and the bytes
+    this process read: each process reads from the file only the slices its own devices hold
+    (`SafetensorsReader.get_slice`), so no host ever holds the whole model.
+
+    Names, shapes and dtypes are validated from the header, the weak indices in full (they are
+    small), and every fp slice for NaN/Inf as it is read. The whole-file checksum is not: it would
+    read every byte on every process (`read_tensors` checks it; `load_checkpoint` without a sharding)."""
+    reader = SafetensorsReader([info.path / TENSORS_FILE])
+    source = str(info.path)
+    want = expected_tensors(info.config, info.recipe)
+    check_tensors(want, {k: reader.lazy(k) for k in reader.keys()}, source=source, finite=False)
+    if info.recipe is not None:
+        idx = {k: reader.get(k) for k in want if k.endswith(".weak_idx")}
+        check_weak_indices(info.config, info.recipe, idx, source=source)
+
+    def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        a = reader.get_slice(name, index)
+        if want[name][1] is ANY_FLOAT and not all_finite(a):
+            raise CheckpointError(f"{source}: tensor '{name}' contains NaN or Inf")
+        return a
+
+    arrays = {k: jax.make_array_from_callback(shape, sharding(shape), partial(read, k))
+              for k, (shape, _) in want.items()}
+    return arrays, reader.bytes_read
 
 
 def check_weak_indices(cfg: ModelConfig, recipe: QuantRecipe, tensors: Mapping[str, np.ndarray], *,
@@ -339,12 +373,21 @@ def build_model(cfg: ModelConfig, recipe: QuantRecipe | None, *, dtype: Any = jn
     return model
 
 
-def load_checkpoint(path: str | Path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+def load_checkpoint(path: str | Path, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                    sharding: Callable[[tuple[int, ...]], Sharding] | None = None
                     ) -> tuple[CausalLM, CheckpointInfo]:
-    """(model, info) of an fp or quantized checkpoint directory."""
+    """(model, info) of an fp or quantized checkpoint directory. With `sharding` (shape -> its
+    layout), every variable is a global array placed straight from the file (`read_sharded`: each
+    process reads and holds only its own slices); info.bytes_read says how much this process read."""
     info = read_info(path)
     model = build_model(info.config, info.recipe, dtype=dtype, param_dtype=param_dtype)
-    place_tensors(model, read_tensors(info), source=str(info.path))
+    if sharding is None:
+        tensors = read_tensors(info)
+        info = dataclasses.replace(info, bytes_read=sum(t.nbytes for t in tensors.values()))
+    else:
+        tensors, n = read_sharded(info, sharding)
+        info = dataclasses.replace(info, bytes_read=n)
+    place_tensors(model, tensors, source=str(info.path))
     return model, info
 
 

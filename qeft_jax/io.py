@@ -167,6 +167,7 @@ class SafetensorsReader:
 
     def __init__(self, files: list[str | Path]):
         self._where: dict[str, _Entry] = {}
+        self.bytes_read = 0  # tensor bytes read so far (what a sharded load saves shows here)
         for f in map(Path, files):
             header, data = check_safetensors_header(f)
             for k, v in header.items():
@@ -192,7 +193,36 @@ class SafetensorsReader:
     def get(self, name: str) -> np.ndarray:
         e = self._entry(name)
         count = int(np.prod(e.shape, dtype=np.int64))
+        self.bytes_read += count * e.dtype.itemsize
         return np.fromfile(e.path, dtype=e.dtype, count=count, offset=e.offset).reshape(e.shape)
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """tensor[index] for contiguous slices (step 1, one per leading axis; what
+        `jax.make_array_from_callback` asks for), reading only those bytes: one read per contiguous
+        run, i.e. per combination of indices on the axes before the last one the index cuts."""
+        e = self._entry(name)
+        index = tuple(index) + (slice(None),) * (len(e.shape) - len(index))
+        if len(index) != len(e.shape) or not all(isinstance(s, slice) for s in index):
+            raise ValueError(f"tensor '{name}' {list(e.shape)}: need one slice per axis, got {index}")
+        bounds = [s.indices(d) for s, d in zip(index, e.shape)]
+        if any(step != 1 for _, _, step in bounds):
+            raise ValueError(f"tensor '{name}': only step-1 slices can be read, got {index}")
+        out_shape = tuple(max(0, b - a) for a, b, _ in bounds)
+        out = np.empty(out_shape, e.dtype)
+        if out.size == 0:
+            return out
+        cut = max([i for i, (a, b, _) in enumerate(bounds) if (a, b) != (0, e.shape[i])], default=0)
+        strides = np.cumprod((1,) + e.shape[::-1][:-1])[::-1]  # elements per step of each axis
+        run = int(np.prod(out_shape[cut:], dtype=np.int64))  # elements of one contiguous run
+        runs = out.reshape(-1, run)
+        with open(e.path, "rb") as f:
+            for r, outer in enumerate(np.ndindex(*out_shape[:cut])):
+                first = sum((bounds[i][0] + j) * int(strides[i]) for i, j in enumerate(outer))
+                first += bounds[cut][0] * int(strides[cut])
+                f.seek(e.offset + first * e.dtype.itemsize)
+                runs[r] = np.frombuffer(f.read(run * e.dtype.itemsize), e.dtype)
+        self.bytes_read += out.nbytes
+        return out
 
     def lazy(self, name: str) -> LazyArray:
         """The tensor as a LazyArray: shape and dtype from the header, data read when asked."""

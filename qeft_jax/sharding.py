@@ -58,7 +58,7 @@ use the 'data' axis; arrays are replicated over 'model').
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -113,9 +113,19 @@ def shard_batch(x: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
 
 
 def put(x: Any, sharding: NamedSharding) -> jax.Array:
-    """A value that every process holds in full, placed as a global array with `sharding`."""
+    """A value placed as a global array with `sharding`: one that every process holds in full, or a
+    global array already (kept if laid out so, else resharded by XLA: no process gathers it)."""
+    if isinstance(x, jax.Array) and (x.sharding == sharding or not x.is_fully_addressable):
+        return x if x.sharding == sharding else jax.device_put(x, sharding)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def fsdp_layout(mesh: Mesh) -> Callable[[tuple[int, ...]], NamedSharding]:
+    """shape -> its FSDP NamedSharding on `mesh` (`fsdp_spec`): what `checkpoint.load_checkpoint`
+    places each tensor with, so a multi-process run loads straight into the layout it trains in."""
+    n = data_size(mesh)
+    return lambda shape: NamedSharding(mesh, fsdp_spec(shape, n))
 
 
 def fsdp_spec(shape: Sequence[int], n: int) -> P:
@@ -129,8 +139,8 @@ def fsdp_spec(shape: Sequence[int], n: int) -> P:
 
 def fsdp_shardings(tree: Any, mesh: Mesh) -> Any:
     """A NamedSharding per leaf of `tree` (arrays or shape-structs): see `fsdp_spec`."""
-    n = data_size(mesh)
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)), tree)
+    layout = fsdp_layout(mesh)
+    return jax.tree.map(lambda x: layout(np.shape(x)), tree)
 
 
 def put_tree(tree: Any, shardings: Any) -> Any:

@@ -307,3 +307,21 @@ def test_bad_input_no_unsafe_loading_in_source():
             if "torch.load(" in line and "weights_only=True" not in line:
                 offenders.append(f"{path}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_bad_input_nan_in_a_sharded_load(model):
+    """Loading straight into a sharded layout checks each slice as it is read (no whole-tensor pass)."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from qeft_jax.checkpoint import load_checkpoint
+    from qeft_jax.io import CheckpointError
+
+    name = "model.layers.1.self_attn.q_proj.weight"
+
+    def poison(t):
+        t[name] = t[name].copy()
+        t[name][-1, -1] = np.inf
+    edit_tensors(model, poison)
+    with pytest.raises(CheckpointError, match=re.escape(name) + ".*NaN or Inf"):
+        load_checkpoint(model, sharding=lambda shape: SingleDeviceSharding(jax.devices()[0]))

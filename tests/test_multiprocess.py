@@ -1,8 +1,9 @@
 """Real multi-process runs: two processes joined by JAX's own distributed runtime on this machine
 (`jax.distributed.initialize` through the QEFT_* variables, CPU collectives through gloo, coordinator
 on 127.0.0.1), one CPU device each. `python -m qeft_jax.quantize` and `python -m qeft_jax.train`
-(qeft, killed and resumed; full) on 2 processes give the single-process results, and only process 0
-writes. Every run is a subprocess with a timeout; a failing or hanging group is killed.
+(qeft, killed and resumed; full) on 2 processes give the single-process results, only process 0
+writes, and each process reads only its own slices of the checkpoint. Every run is a subprocess
+with a timeout; a failing or hanging group is killed.
 """
 from __future__ import annotations
 
@@ -128,7 +129,10 @@ def test_train_multiprocess_killed_and_resumed_matches_single_process(setup, tmp
     _run_group([[sys.executable, "-m", "qeft_jax.train", *flags]] * 2, cache)  # the same command resumes
     assert json.loads((out / "train_done.json").read_text())["step"] == 4
     _assert_close_losses(ref, out)
+    # the model was loaded straight into its FSDP layout: each process read only its half of the tensors
     a, b, base = _tensors(ref), _tensors(out), _tensors(q1)
+    read = [json.loads((d / "train_done.json").read_text())["checkpoint_bytes_read"] for d in (ref, out)]
+    assert read[0] == sum(t.nbytes for t in base.values()) and read[1] < 0.55 * read[0], read
     for k in a:
         if k.endswith(".weak"):
             assert not np.array_equal(a[k], base[k])

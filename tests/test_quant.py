@@ -850,3 +850,37 @@ def test_awq_quantized_to_hf_matches_quantized_model(name, awq_models, tmp_path)
     with torch.no_grad():
         ref = tmodel(torch.tensor(ids)).logits.numpy()
     assert rel_err(qmodel(jnp.asarray(ids)), ref) < 1e-4
+
+
+BLAS_CHILD = """
+import json, sys
+from pathlib import Path
+import numpy as np, threadpoolctl
+from qeft_jax.quant.pipeline import quantize_checkpoint
+from qeft_jax.recipes import make_recipe
+seen = []
+def on_block(i, seconds):  # every host BLAS's thread count while the first quantization runs
+    seen.append({x["filepath"]: x["num_threads"] for x in threadpoolctl.threadpool_info() if x["user_api"] == "blas"})
+ids = np.random.default_rng(0).integers(0, 101, (2, 16))
+quantize_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), make_recipe("qeft", bits=4, group_size=32, k=4), ids,
+                    progress=False, on_block=on_block)
+print("SEEN " + json.dumps(seen))
+"""
+
+
+def test_host_blas_single_threaded_from_the_first_quantization_in_a_process(converted, tmp_path):
+    """threadpoolctl limits only the BLAS libraries already loaded; XLA's Cholesky loads scipy's
+    OpenBLAS at the first factorisation, so the pipeline loads it before limiting. Before, the
+    first quantization in a process factorised multi-threaded and rounded differently from the
+    next one in the same process. A fresh process is needed: here LAPACK is long loaded."""
+    import subprocess
+    import sys
+
+    from tests.subprocess_runs import REPO, child_env
+
+    p = subprocess.run([sys.executable, "-c", BLAS_CHILD, str(converted["gqa_untied"]), str(tmp_path / "q")],
+                       env=child_env(tmp_path / "jax_cache"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("SEEN ")][-1][5:])
+    assert seen and all(len(s) >= 2 for s in seen), seen  # numpy's and scipy's (XLA's LAPACK) OpenBLAS
+    assert all(n == 1 for s in seen for n in s.values()), seen

@@ -5,6 +5,7 @@ so they run in a subprocess that prints JSON; the pytest process itself keeps it
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -279,7 +280,7 @@ TRAIN_CHILD = textwrap.dedent(r"""
 
     # the layout: per-device share of each part of the state, and the collectives in the step
     c = cfg(q, "layout", "qeft", 4)
-    model, _, _, _ = T.build_model(q, "qeft", dtype=jnp.float32, lora_rank=4, lora_alpha=16.0, seed=0)
+    model, _, _, info = T.build_model(q, "qeft", dtype=jnp.float32, lora_rank=4, lora_alpha=16.0, seed=0)
     graphdef, tr, fr = T.split_trainable(model, "qeft")
     tx, _ = T.make_optimizer(1e-3, c)
     mesh = T.training_mesh(c)
@@ -292,6 +293,14 @@ TRAIN_CHILD = textwrap.dedent(r"""
         return local / sum(x.size for x in leaves)
 
     res["share"] = {"trainable": share(tr), "opt": share(opt), "frozen": share(fr)}
+    # loaded straight into the layout (each process would read only its slices): the same values,
+    # already sharded before place_state
+    m2, _, _, info2 = T.build_model(q, "qeft", dtype=jnp.float32, lora_rank=4, lora_alpha=16.0, seed=0, mesh=mesh)
+    _, tr2, fr2 = T.split_trainable(m2, "qeft")
+    res["loaded_share"] = {"trainable": share(tr2), "frozen": share(fr2)}
+    res["loaded_equal"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                              zip(jax.tree.leaves((fr, tr)), jax.tree.leaves((fr2, tr2))))
+    res["loaded_bytes"] = [info2.bytes_read, info.bytes_read]
     step, _ = T.make_step_fns(graphdef, tx, False, mesh)
     from qeft_jax import sharding as shd
     toks = shd.shard_batch(np.ones((2, 4, 48), np.int32), mesh, 1)
@@ -363,6 +372,30 @@ def test_fsdp_training_really_shards(train_child):
     assert 0.25 <= res["share"]["opt"] < 0.3, res["share"]
     assert 0.25 <= res["share"]["frozen"] < 0.4, res["share"]
     assert res["collectives"], "the compiled FSDP step has no collectives"
+    assert res["loaded_equal"], "the sharded load differs from the plain load"
+    assert 0.25 <= res["loaded_share"]["trainable"] < 0.3, res["loaded_share"]
+    assert 0.25 <= res["loaded_share"]["frozen"] < 0.4, res["loaded_share"]
+    read, whole = res["loaded_bytes"]  # one process holds all 4 devices: it reads every tensor once
+    assert whole <= read < 1.01 * whole, res["loaded_bytes"]  # (+ the weak indices, read whole to check them)
+
+
+def test_safetensors_get_slice_reads_only_the_slice(tmp_path):
+    from qeft_jax.io import SafetensorsReader, write_safetensors
+
+    rng = np.random.default_rng(0)
+    ts = {"a": rng.normal(size=(6, 10, 3)).astype(np.float32), "b": np.arange(7, dtype=np.int32),
+          "c": rng.normal(size=(5, 9)).astype(np.float16)}
+    write_safetensors(tmp_path / "t.safetensors", ts)
+    r = SafetensorsReader([tmp_path / "t.safetensors"])
+    for k, t in ts.items():  # every combination of whole, inner, leading, trailing and empty slices
+        cuts = [[slice(None), slice(1, 3), slice(0, d - 1), slice(d - 1, None), slice(2, 2)] for d in t.shape]
+        for idx in itertools.product(*cuts):
+            before = r.bytes_read
+            got = r.get_slice(k, idx)
+            np.testing.assert_array_equal(got, t[idx], err_msg=f"{k}{idx}")
+            assert got.dtype == t.dtype and r.bytes_read - before == t[idx].nbytes
+    with pytest.raises(ValueError, match="step-1"):
+        r.get_slice("a", (slice(0, 6, 2),))
 
 
 @pytest.mark.parametrize("method", ["qeft", "full"])

@@ -24,7 +24,8 @@ trainable master copy, the optimizer state and the frozen model are sharded FSDP
 (`qeft_jax.sharding.fsdp_shardings`). The step function is unchanged: XLA inserts the all-gathers
 and gradient reductions. Results equal the single-device run's up to float summation order, and
 a run may be resumed on a different number of devices (checkpoints are restored into the current
-layout). The model is still loaded whole on the host first.
+layout). The checkpoint is loaded straight into that layout: each process reads from the file only
+the slices its devices hold (`qeft_jax.checkpoint.read_sharded`; train_done.json records the bytes).
 """
 from __future__ import annotations
 
@@ -182,11 +183,13 @@ def param_dtype(method: str, dtype: Any) -> Any:
 
 
 def build_model(model_dir: Path, method: str, *, dtype: Any, lora_rank: int, lora_alpha: float,
-                seed: int) -> tuple[nnx.Module, Any, ModelConfig, CheckpointInfo]:
-    """(model, tokenizer, config, checkpoint info) for a method: the checkpoint loaded, with LoRA
-    adapters for lora/qlora."""
+                seed: int, mesh: Any = None) -> tuple[nnx.Module, Any, ModelConfig, CheckpointInfo]:
+    """(model, tokenizer, config, checkpoint info) for a method: the checkpoint loaded (with a mesh:
+    straight into its FSDP layout, each process reading only its slices), with LoRA adapters for
+    lora/qlora."""
     check_method(read_info(model_dir), method)
-    model, info = load_checkpoint(model_dir, dtype=dtype, param_dtype=param_dtype(method, dtype))
+    model, info = load_checkpoint(model_dir, dtype=dtype, param_dtype=param_dtype(method, dtype),
+                                  sharding=None if mesh is None else shd.fsdp_layout(mesh))
     if method in ("lora", "qlora"):
         apply_lora(model, lora_rank, lora_alpha, seed)
     return model, tokenization.load_tokenizer(info.path), info.config, info
@@ -482,8 +485,9 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
     shd.sync("qeft-jax: train output prepared")
     model_dir = resolve(cfg.model)
     dtype = compute_dtype(cfg.dtype)
+    mesh = training_mesh(cfg)
     model, tok, model_cfg, info = build_model(model_dir, cfg.method, dtype=dtype, lora_rank=cfg.lora_rank,
-                                              lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+                                              lora_alpha=cfg.lora_alpha, seed=cfg.seed, mesh=mesh)
     tokenizer = tokenizer if tokenizer is not None else tok
     train_rows, val_rows = prepare_data(cfg, tokenizer, model_cfg.vocab_size)
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.method, info.k)
@@ -503,7 +507,6 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
 
     graphdef, trainable, frozen = split_trainable(model, cfg.method)
     tx, sched = make_optimizer(lr, cfg)
-    mesh = training_mesh(cfg)
     trainable, opt_state, frozen = place_state(tx, trainable, frozen, mesh)
     train_step, eval_sums = step_fns(graphdef, lr, cfg, mesh)
     batch = (lambda x, axis: jnp.asarray(x)) if mesh is None else (lambda x, axis: shd.shard_batch(x, mesh, axis))
@@ -594,6 +597,8 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
 
     # the f32 master copy goes to the exporter as is (export rounds it to the stored dtype once)
     nnx.update(model, jax.tree.map(lambda t: jnp.asarray(shd.to_host(t), jnp.float32), trainable))
+    if cfg.method == "lora":  # the exporter merges the adapters into the (sharded) frozen base weights
+        nnx.update(model, jax.tree.map(shd.to_host, frozen))
     meta = {"method": cfg.method, "steps": steps, "lr": lr, "seed": cfg.seed, "data": cfg.data,
             "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "base": str(model_dir)}
     if writer:
@@ -603,7 +608,7 @@ def train(cfg: TrainConfig, *, tokenizer: Any = None, overwrite: bool = False,
                round(time.time() - t_run, 2), "out": str(out),
                # medians over this process's steps, the first (compiling) one excluded where there are more
                "step_s_median": float(np.median(step_times[1:] or step_times)) if step_times else None,
-               "step_memory": step_memory}
+               "step_memory": step_memory, "checkpoint_bytes_read": info.bytes_read}
     if writer:
         write_json_atomic(done, summary, indent=2)
     return summary
