@@ -16,6 +16,7 @@ undoing what that script changes:
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,11 @@ import gguf
 import numpy as np
 from gguf.quants import dequantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from tqdm import tqdm
 
 from qeft_jax import families
-from qeft_jax.checkpoint import check_tensors, expected_tensors, write_fp
+from qeft_jax.checkpoint import converted_lazily, expected_tensors, write_fp
 from qeft_jax.config import ModelConfig
-from qeft_jax.io import CheckpointError, atomic_dir
+from qeft_jax.io import CheckpointError, LazyArray, atomic_dir
 from qeft_jax.tokenization import import_transformers
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
@@ -126,12 +126,13 @@ def hf_names(cfg: ModelConfig) -> dict[str, str]:
     return out
 
 
-def read_gguf_tensors(reader: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """All tensors, dequantized to float32, with llama.cpp's changes undone, under the names
-    `qeft_jax.spec` gives them."""
+def gguf_tensors(reader: Any, cfg: ModelConfig, source: str) -> dict[str, LazyArray]:
+    """The tensors under the names `qeft_jax.spec` gives them, each dequantized to float32 with
+    llama.cpp's changes undone only when it is written (`checkpoint.converted_lazily`): one tensor
+    at a time, never the whole model in float32."""
     arch, names = cfg.model_type, hf_names(cfg)
-    tensors: dict[str, np.ndarray] = {}
-    for t in tqdm(reader.tensors, desc="dequantizing GGUF tensors", unit="tensor"):
+    sources: dict[str, LazyArray] = {}
+    for t in reader.tensors:
         name = names.get(t.name)
         if name is None:
             if t.name not in _ROPE_TENSORS:
@@ -140,20 +141,27 @@ def read_gguf_tensors(reader: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
                 continue  # llama3 factors that scale nothing
             raise CheckpointError(f"GGUF tensor '{t.name}' holds {_ROPE_TENSORS[t.name]}, which is not "
                                   f"supported (convert from the Hugging Face checkpoint instead)")
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise CheckpointError(f"GGUF tensor '{t.name}' has type {t.tensor_type.name}, which the "
-                                  f"gguf package cannot dequantize") from None
-        arr = np.asarray(arr, np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            arr = unpermute_qk(arr, cfg.num_attention_heads)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            arr = unpermute_qk(arr, cfg.num_key_value_heads)
-        elif arch in OFFSET_NORM_ARCHS and name.endswith("norm.weight"):
-            arr = arr - 1.0
-        tensors[name] = arr
-    return families.tensors_from_hf(arch, tensors, cfg)
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        sources[name] = LazyArray(shape, np.dtype(np.float32), partial(_dequantized, t, name, shape, cfg))
+    return converted_lazily(sources, cfg, source=source)
+
+
+def _dequantized(t: Any, name: str, shape: tuple[int, ...], cfg: ModelConfig) -> np.ndarray:
+    """One GGUF tensor as the float32 Hugging Face tensor it was made from."""
+    arch = cfg.model_type
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(f"GGUF tensor '{t.name}' has type {t.tensor_type.name}, which the "
+                              f"gguf package cannot dequantize") from None
+    arr = np.asarray(arr, np.float32).reshape(shape)
+    if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        arr = unpermute_qk(arr, cfg.num_attention_heads)
+    elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        arr = unpermute_qk(arr, cfg.num_key_value_heads)
+    elif arch in OFFSET_NORM_ARCHS and name.endswith("norm.weight"):
+        arr = arr - 1.0
+    return arr
 
 
 def byte_level_tokenizer(reader: Any) -> Any:
@@ -207,10 +215,9 @@ def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
     except Exception as e:  # the gguf package raises ValueError/AssertionError/OSError on bad files
         raise CheckpointError(f"{src} is not a readable GGUF file: {e}") from None
     cfg = gguf_config(reader)
-    tensors = read_gguf_tensors(reader, cfg)
-    check_tensors(expected_tensors(cfg), tensors, source=str(src))
+    tensors = gguf_tensors(reader, cfg, str(src))
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_fp(tmp, cfg.to_hf_dict(), tensors)
+        write_fp(tmp, cfg.to_hf_dict(), tensors, progress="dequantizing GGUF tensors")
         if _field(reader, "tokenizer.ggml.model") is not None:
             export_tokenizer(reader, src, tmp)
     return Path(out)

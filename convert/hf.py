@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from qeft_jax import families
 from qeft_jax.config import ModelConfig
-from qeft_jax.checkpoint import check_tensors, expected_tensors, tokenizer_files, write_fp
-from qeft_jax.io import CheckpointError, SafetensorsReader, atomic_dir
+from qeft_jax.checkpoint import converted_lazily, tokenizer_files, write_fp
+from qeft_jax.io import CheckpointError, LazyArray, SafetensorsReader, atomic_dir
 
 
 def _safetensors_files(src: Path) -> list[Path]:
@@ -46,24 +45,21 @@ def _load_bin(files: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
-def read_hf_tensors(src: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """All tensors the model needs, by the names `qeft_jax.spec` gives them, as numpy arrays (the
-    family's own layout, e.g. Phi-3's fused linears, is converted by `families.tensors_from_hf`)."""
-    want = expected_tensors(cfg)
+def hf_tensors(src: Path, cfg: ModelConfig) -> dict[str, LazyArray]:
+    """The tensors the model needs, by the names `qeft_jax.spec` gives them, read one at a time when
+    written (`checkpoint.converted_lazily`; the family's own layout, e.g. Phi-3's fused linears, is
+    converted by `families.tensors_from_hf`). Safetensors (one file or shards with an index) stream;
+    a PyTorch .bin is a pickle and is loaded whole."""
     st = _safetensors_files(src)
     if st:
         reader = SafetensorsReader(st)
-        names = list(reader.keys())
-        tensors = {n: reader.get(n) for n in tqdm(names, desc="reading tensors", disable=len(names) < 50)}
+        sources = {n: reader.lazy(n) for n in reader.keys()}
     else:
         bins = sorted(src.glob("pytorch_model*.bin"))
         if not bins:
             raise CheckpointError(f"{src} holds no *.safetensors and no pytorch_model*.bin weights")
-        tensors = _load_bin(bins)
-    tensors = families.tensors_from_hf(cfg.model_type, tensors, cfg)
-    tensors = {k: v for k, v in tensors.items() if k in want}
-    check_tensors(want, tensors, source=str(src))
-    return tensors
+        sources = {k: LazyArray.of(v) for k, v in _load_bin(bins).items()}
+    return converted_lazily(sources, cfg, source=str(src))
 
 
 def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -74,7 +70,7 @@ def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
     if cfg_dict is None:
         raise CheckpointError(f"no config.json in {src}")
     cfg = ModelConfig.from_hf_dict(cfg_dict)
-    tensors = read_hf_tensors(src, cfg)
+    tensors = hf_tensors(src, cfg)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_fp(tmp, cfg.to_hf_dict(), tensors, extra_files=tokenizer_files(src))
+        write_fp(tmp, cfg.to_hf_dict(), tensors, extra_files=tokenizer_files(src), progress="converting")
     return Path(out)

@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Sharding
 from safetensors.numpy import load_file
 
-from qeft_jax import spec
+from qeft_jax import families, spec
 from qeft_jax.config import ModelConfig
 from qeft_jax.io import CheckpointError, LazyArray, SafetensorsReader, parse_json, write_safetensors
 from qeft_jax.model import CausalLM, abstract_model, named_variables, place_tensors, swap_linears
@@ -221,6 +221,39 @@ def read_subset(reader: SafetensorsReader, cfg: ModelConfig, select: Callable[[s
     return tensors
 
 
+def converted_lazily(sources: Mapping[str, LazyArray], cfg: ModelConfig, *, source: str) -> dict[str, LazyArray]:
+    """A source checkpoint's tensors (Hugging Face names, e.g. Phi-3's fused linears) as the tensors
+    `expected_tensors(cfg)` names, validated, each read only when `write_safetensors` writes it, so a
+    conversion holds one source tensor (and the parts split from it) at a time, never the model.
+
+    `families.tensors_from_hf` maps each source tensor on its own (a split, a rename); shapes and
+    dtypes come from running it on zero-stride stand-ins, so nothing is read to check them. Every fp
+    tensor is checked for NaN/Inf when it is read."""
+    want = expected_tensors(cfg)
+    made_from: dict[str, str] = {}  # output name -> the source tensor it comes from
+    shapes: dict[str, LazyArray] = {}
+    for k, t in sources.items():
+        stand_in = np.broadcast_to(np.zeros((), t.dtype), t.shape)
+        for name, v in families.tensors_from_hf(cfg.model_type, {k: stand_in}, cfg).items():
+            if name in want:
+                made_from[name] = k
+                shapes[name] = LazyArray(tuple(v.shape), np.dtype(v.dtype), sources[k].read)
+    check_tensors(want, shapes, source=source, finite=False)
+    split_off: dict[str, np.ndarray] = {}  # parts of a source tensor read for an earlier output
+
+    def read(name: str) -> np.ndarray:
+        if name not in split_off:
+            k = made_from[name]
+            parts = families.tensors_from_hf(cfg.model_type, {k: sources[k].read()}, cfg)
+            split_off.update({n: v for n, v in parts.items() if n in want})
+        a = np.ascontiguousarray(split_off.pop(name))
+        if want[name][1] is ANY_FLOAT and not all_finite(a):
+            raise CheckpointError(f"{source}: tensor '{name}' contains NaN or Inf")
+        return a
+
+    return {name: LazyArray(t.shape, t.dtype, partial(read, name)) for name, t in shapes.items()}
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -328,11 +361,11 @@ def dense_tensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------- writing
 def write_fp(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray | LazyArray],
              extra_files: Mapping[str, bytes] | None = None,
-             extra_json: Mapping[str, Any] | None = None) -> None:
+             extra_json: Mapping[str, Any] | None = None, progress: str | None = None) -> None:
     """config.json + model.safetensors (+ extra files) into an existing (atomic temp) directory;
     the tensors are written one at a time (a LazyArray is read only when written)."""
     (out / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-    write_safetensors(out / TENSORS_FILE, tensors, metadata={"format": "pt"})
+    write_safetensors(out / TENSORS_FILE, tensors, metadata={"format": "pt"}, progress=progress)
     for name, data in (extra_files or {}).items():
         (out / name).write_bytes(data)
     for name, obj in (extra_json or {}).items():

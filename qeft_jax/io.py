@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import ml_dtypes  # also registers bfloat16 with numpy, needed by safetensors.numpy
 import numpy as np
+from tqdm import tqdm
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes; a larger header is corrupt or hostile
 
@@ -149,6 +150,11 @@ class LazyArray:
     dtype: np.dtype
     read: Callable[[], np.ndarray]
 
+    @classmethod
+    def of(cls, a: np.ndarray) -> "LazyArray":
+        """An array already in memory, as a LazyArray."""
+        return cls(tuple(a.shape), np.dtype(a.dtype), lambda: a)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
@@ -231,11 +237,12 @@ class SafetensorsReader:
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray | LazyArray],
-                      metadata: Mapping[str, str] | None = None) -> None:
+                      metadata: Mapping[str, str] | None = None, progress: str | None = None) -> None:
     """A safetensors file written tensor by tensor: the header (every name, dtype, shape and offset)
     first, then each tensor's bytes as it is read (a LazyArray is read when its turn comes), so one
     tensor at a time is in memory. Tensors are laid out by decreasing item size, then by name, so
-    every offset is aligned to its item size (as the safetensors library lays them out)."""
+    every offset is aligned to its item size (as the safetensors library lays them out). `progress`:
+    a progress bar with this description (over the tensors written)."""
     order = sorted(tensors, key=lambda k: (-np.dtype(tensors[k].dtype).itemsize, k))
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     begin = 0
@@ -252,7 +259,7 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray | LazyA
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for k in order:
+        for k in tqdm(order, desc=progress, unit="tensor", disable=progress is None):
             t = tensors[k]
             a = t.read() if isinstance(t, LazyArray) else t
             if tuple(a.shape) != tuple(header[k]["shape"]) or np.dtype(a.dtype) != np.dtype(t.dtype):

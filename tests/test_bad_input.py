@@ -282,7 +282,7 @@ def test_corrupt_write_midway_leaves_previous_checkpoint(converted, tmp_path, mo
     before = (out / "model.safetensors").read_bytes()
     real_write = qio.write_safetensors
 
-    def crash_after_partial_write(path, tensors, metadata=None):
+    def crash_after_partial_write(path, tensors, metadata=None, progress=None):
         real_write(path, dict(list(tensors.items())[:3]), metadata=metadata)
         raise OSError("disk full (simulated)")
 
