@@ -36,7 +36,8 @@ from safetensors.numpy import load_file
 
 from qeft_jax import families, spec
 from qeft_jax.config import ModelConfig
-from qeft_jax.io import CheckpointError, LazyArray, SafetensorsReader, parse_json, write_safetensors
+from qeft_jax.io import (CheckpointError, LazyArray, SafetensorsReader, grouped_lazily, parse_json,
+                         write_safetensors)
 from qeft_jax.model import CausalLM, abstract_model, named_variables, place_tensors, swap_linears
 from qeft_jax.packing import FORMAT_VERSION, QuantSpec, dequantize
 from qeft_jax.qlinear import QEFTLinear
@@ -221,37 +222,36 @@ def read_subset(reader: SafetensorsReader, cfg: ModelConfig, select: Callable[[s
     return tensors
 
 
+def stand_in(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zero-stride array of this shape and dtype (no memory): run a tensor mapping on stand-ins to
+    learn the shapes and dtypes it makes without reading anything."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
 def converted_lazily(sources: Mapping[str, LazyArray], cfg: ModelConfig, *, source: str) -> dict[str, LazyArray]:
     """A source checkpoint's tensors (Hugging Face names, e.g. Phi-3's fused linears) as the tensors
     `expected_tensors(cfg)` names, validated, each read only when `write_safetensors` writes it, so a
     conversion holds one source tensor (and the parts split from it) at a time, never the model.
 
     `families.tensors_from_hf` maps each source tensor on its own (a split, a rename); shapes and
-    dtypes come from running it on zero-stride stand-ins, so nothing is read to check them. Every fp
-    tensor is checked for NaN/Inf when it is read."""
+    dtypes come from running it on stand-ins, so nothing is read to check them. Every fp tensor is
+    checked for NaN/Inf when it is read."""
     want = expected_tensors(cfg)
-    made_from: dict[str, str] = {}  # output name -> the source tensor it comes from
-    shapes: dict[str, LazyArray] = {}
+    layout: dict[str, tuple[str, tuple[int, ...], Any]] = {}  # name -> (source tensor, shape, dtype)
     for k, t in sources.items():
-        stand_in = np.broadcast_to(np.zeros((), t.dtype), t.shape)
-        for name, v in families.tensors_from_hf(cfg.model_type, {k: stand_in}, cfg).items():
+        for name, v in families.tensors_from_hf(cfg.model_type, {k: stand_in(t.shape, t.dtype)}, cfg).items():
             if name in want:
-                made_from[name] = k
-                shapes[name] = LazyArray(tuple(v.shape), np.dtype(v.dtype), sources[k].read)
-    check_tensors(want, shapes, source=source, finite=False)
-    split_off: dict[str, np.ndarray] = {}  # parts of a source tensor read for an earlier output
+                layout[name] = (k, tuple(v.shape), np.dtype(v.dtype))
+    check_tensors(want, {k: stand_in(s, d) for k, (_, s, d) in layout.items()}, source=source, finite=False)
 
-    def read(name: str) -> np.ndarray:
-        if name not in split_off:
-            k = made_from[name]
-            parts = families.tensors_from_hf(cfg.model_type, {k: sources[k].read()}, cfg)
-            split_off.update({n: v for n, v in parts.items() if n in want})
-        a = np.ascontiguousarray(split_off.pop(name))
-        if want[name][1] is ANY_FLOAT and not all_finite(a):
-            raise CheckpointError(f"{source}: tensor '{name}' contains NaN or Inf")
-        return a
+    def load(k: str) -> dict[str, np.ndarray]:
+        parts = families.tensors_from_hf(cfg.model_type, {k: sources[k].read()}, cfg)
+        for name, a in parts.items():
+            if want.get(name, (None, None))[1] is ANY_FLOAT and not all_finite(a):
+                raise CheckpointError(f"{source}: tensor '{name}' contains NaN or Inf")
+        return {name: np.ascontiguousarray(a) for name, a in parts.items()}
 
-    return {name: LazyArray(t.shape, t.dtype, partial(read, name)) for name, t in shapes.items()}
+    return grouped_lazily(layout, load)
 
 
 def sha256_file(path: Path) -> str:
@@ -262,46 +262,58 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class CheckedReader:
+    """A checkpoint's tensor file, read in parts and validated: names, shapes and dtypes from the
+    header, the weak indices whole (they are small), the whole-file checksum of a quantized
+    checkpoint when `checksum` (it reads every byte once, a chunk at a time), and every fp tensor or
+    slice for NaN/Inf as it is read."""
+
+    def __init__(self, info: CheckpointInfo, *, checksum: bool):
+        f = info.path / TENSORS_FILE
+        if info.quantized and checksum and sha256_file(f) != info.meta.get("sha256"):
+            raise CheckpointError(f"{f} does not match the checksum in {QUANTIZATION_FILE}: the packed "
+                                  f"tensors were modified or corrupted")
+        self.reader = SafetensorsReader([f])
+        self.source = str(info.path)
+        self.want = expected_tensors(info.config, info.recipe)
+        check_tensors(self.want, {k: self.reader.lazy(k) for k in self.reader.keys()}, source=self.source,
+                      finite=False)
+        if info.recipe is not None:
+            idx = {k: self.reader.get(k) for k in self.want if k.endswith(".weak_idx")}
+            check_weak_indices(info.config, info.recipe, idx, source=self.source)
+
+    def keys(self) -> list[str]:
+        return self.reader.keys()
+
+    def _checked(self, name: str, a: np.ndarray) -> np.ndarray:
+        if name in self.want and self.want[name][1] is ANY_FLOAT and not all_finite(a):
+            raise CheckpointError(f"{self.source}: tensor '{name}' contains NaN or Inf")
+        return a
+
+    def get(self, name: str) -> np.ndarray:
+        return self._checked(name, self.reader.get(name))
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self._checked(name, self.reader.get_slice(name, index))
+
+
 def read_tensors(info: CheckpointInfo, *, verify: bool = True) -> dict[str, np.ndarray]:
     """Every tensor of the checkpoint, validated against the config (and the checksum if quantized)."""
-    f = info.path / TENSORS_FILE
-    if info.quantized and verify and sha256_file(f) != info.meta.get("sha256"):
-        raise CheckpointError(f"{f} does not match the checksum in {QUANTIZATION_FILE}: the packed "
-                              f"tensors were modified or corrupted")
-    reader = SafetensorsReader([f])
-    tensors = {k: reader.get(k) for k in reader.keys()}
-    check_tensors(expected_tensors(info.config, info.recipe), tensors, source=str(info.path))
-    if info.recipe is not None:
-        check_weak_indices(info.config, info.recipe, tensors, source=str(info.path))
-    return tensors
+    r = CheckedReader(info, checksum=verify)
+    return {k: r.get(k) for k in r.keys()}
 
 
 def read_sharded(info: CheckpointInfo, sharding: Callable[[tuple[int, ...]], Sharding]
                  ) -> tuple[dict[str, jax.Array], int]:
     """Every tensor of the checkpoint as a global array laid out by `sharding(shape)`, and the bytes
     this process read: each process reads from the file only the slices its own devices hold
-    (`SafetensorsReader.get_slice`), so no host ever holds the whole model.
-
-    Names, shapes and dtypes are validated from the header, the weak indices in full (they are
-    small), and every fp slice for NaN/Inf as it is read. The whole-file checksum is not: it would
-    read every byte on every process (`read_tensors` checks it; `load_checkpoint` without a sharding)."""
-    reader = SafetensorsReader([info.path / TENSORS_FILE])
-    source = str(info.path)
-    want = expected_tensors(info.config, info.recipe)
-    check_tensors(want, {k: reader.lazy(k) for k in reader.keys()}, source=source, finite=False)
-    if info.recipe is not None:
-        idx = {k: reader.get(k) for k in want if k.endswith(".weak_idx")}
-        check_weak_indices(info.config, info.recipe, idx, source=source)
-
-    def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
-        a = reader.get_slice(name, index)
-        if want[name][1] is ANY_FLOAT and not all_finite(a):
-            raise CheckpointError(f"{source}: tensor '{name}' contains NaN or Inf")
-        return a
-
-    arrays = {k: jax.make_array_from_callback(shape, sharding(shape), partial(read, k))
-              for k, (shape, _) in want.items()}
-    return arrays, reader.bytes_read
+    (`SafetensorsReader.get_slice`), so no host ever holds the whole model. Validated as
+    `CheckedReader` does, but without the whole-file checksum: it would read every byte on every
+    process (`read_tensors` checks it; `load_checkpoint` without a sharding)."""
+    r = CheckedReader(info, checksum=False)
+    arrays = {k: jax.make_array_from_callback(shape, sharding(shape), partial(r.get_slice, k))
+              for k, (shape, _) in r.want.items()}
+    return arrays, r.reader.bytes_read
 
 
 def check_weak_indices(cfg: ModelConfig, recipe: QuantRecipe, tensors: Mapping[str, np.ndarray], *,
@@ -336,26 +348,52 @@ def dense_linear(tensors: Mapping[str, np.ndarray], prefix: str, qs: QuantSpec) 
     return w
 
 
-def dense_tensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
-    """The model as fp tensors in the ORIGINAL channel order (what convert.to_hf writes): a quantized
-    checkpoint is dequantized, its weak columns put back and OGR undone (inverse permutations)."""
-    tensors = read_tensors(info)
-    if not info.quantized:
-        return tensors
+def dense_lazily(info: CheckpointInfo, transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+                 = dict) -> dict[str, LazyArray]:
+    """The model as fp tensors in the ORIGINAL channel order (what convert.to_hf writes), each made
+    when it is read and a decoder layer at a time: a quantized checkpoint is dequantized, its weak
+    columns put back and OGR undone (inverse permutations). `transform` maps each group's tensors
+    (a layer's, or one top-level tensor) before they are handed out: convert.to_hf's dtype and the
+    family's Hugging Face layout (e.g. Phi-3's fused linears)."""
+    r = CheckedReader(info, checksum=True)
     cfg, recipe = info.config, info.recipe
+    shapes = spec.fp_shapes(cfg)
+    group_of = {k: next((spec.layer_prefix(i) for i in range(cfg.num_hidden_layers)
+                         if k.startswith(spec.layer_prefix(i))), k) for k in shapes}
+    members: dict[str, list[str]] = {}
+    for k, g in group_of.items():
+        members.setdefault(g, []).append(k)
     inv = lambda perms: {d: np.argsort(p) for d, p in perms.items()}
-    top = {k: np.asarray(tensors[k], np.float32) for k in spec.top_dims(cfg)}
-    out = spec.permute(top, spec.top_dims(cfg), inv(layer_perms(tensors, 0)))
-    for i in range(cfg.num_hidden_layers):
-        p = spec.layer_prefix(i)
-        layer = {name: np.asarray(tensors[p + name], np.float32) for name in spec.norm_dims(cfg)}
-        for name in spec.LINEAR_NAMES:
-            layer[name + ".weight"] = dense_linear(tensors, p + name, linear_spec(cfg, recipe, name))
-            if p + name + ".bias" in tensors:
-                layer[name + ".bias"] = np.asarray(tensors[p + name + ".bias"], np.float32)
-        layer = spec.permute(layer, spec.layer_dims(cfg), inv(layer_perms(tensors, i)))
-        out.update({p + k: v for k, v in layer.items()})
-    return out
+    perm = lambda name, i: np.asarray(r.get(spec.PERM_TENSORS[name].format(i=i)), np.int64)
+
+    def dense(group: str) -> dict[str, np.ndarray]:
+        if not info.quantized:
+            return {k: r.get(k) for k in members[group]}
+        if group not in spec.top_dims(cfg):  # a decoder layer
+            i = next(i for i in range(cfg.num_hidden_layers) if spec.layer_prefix(i) == group)
+            t = {name: np.asarray(r.get(group + name), np.float32) for name in spec.norm_dims(cfg)}
+            for name in spec.LINEAR_NAMES:
+                fields = {f: r.get(f"{group}{name}.{f}") for f in ("qweight", "scales", "zeros", "weak", "weak_idx")}
+                t[name + ".weight"] = dense_linear({f"{name}.{f}": v for f, v in fields.items()}, name,
+                                                   linear_spec(cfg, recipe, name))
+                if f"{group}{name}.bias" in r.want:
+                    t[name + ".bias"] = np.asarray(r.get(f"{group}{name}.bias"), np.float32)
+            t = spec.permute(t, spec.layer_dims(cfg), inv({"hidden": perm("hidden", i), "ffn": perm("ffn", i)}))
+            return {group + k: v for k, v in t.items()}
+        t = {group: np.asarray(r.get(group), np.float32)}
+        return spec.permute(t, {group: spec.top_dims(cfg)[group]}, {"hidden": np.argsort(perm("hidden", 0))})
+
+    layout = {}
+    for g, names in members.items():
+        dtypes = {k: r.reader.lazy(k).dtype if not info.quantized else np.float32 for k in names}
+        made = transform({k: stand_in(shapes[k], dtypes[k]) for k in names})
+        layout.update({k: (g, tuple(v.shape), np.dtype(v.dtype)) for k, v in made.items()})
+    return grouped_lazily(layout, lambda g: transform(dense(g)))
+
+
+def dense_tensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
+    """`dense_lazily`'s tensors, all read (for comparisons on small models)."""
+    return {k: t.read() for k, t in dense_lazily(info).items()}
 
 
 # ---------------------------------------------------------------------------------- writing

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -234,6 +235,27 @@ class SafetensorsReader:
         """The tensor as a LazyArray: shape and dtype from the header, data read when asked."""
         e = self._entry(name)
         return LazyArray(e.shape, e.dtype, lambda: self.get(name))
+
+
+def grouped_lazily(layout: Mapping[str, tuple[str, tuple[int, ...], Any]],
+                   load: Callable[[str], Mapping[str, np.ndarray]]) -> dict[str, LazyArray]:
+    """LazyArrays for tensors made in groups (the parts split from one source tensor, a decoder layer
+    dequantized at once): `layout` maps each name to (group, shape, dtype). Reading a tensor of a
+    group not read yet calls load(group) once; its other tensors are kept until each is read, then
+    dropped, so a writer that goes through the names holds about one group at a time."""
+    kept: dict[str, np.ndarray] = {}
+
+    def read(name: str) -> np.ndarray:
+        group, shape, dtype = layout[name]
+        if name not in kept:
+            kept.update({k: v for k, v in load(group).items() if k in layout and layout[k][0] == group})
+        a = kept.pop(name)
+        if tuple(a.shape) != tuple(shape) or np.dtype(a.dtype) != np.dtype(dtype):
+            raise ValueError(f"tensor '{name}' was announced as {np.dtype(dtype)}{list(shape)}, made as "
+                             f"{a.dtype}{list(a.shape)}")
+        return a
+
+    return {k: LazyArray(tuple(shape), np.dtype(dtype), partial(read, k)) for k, (_, shape, dtype) in layout.items()}
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray | LazyArray],

@@ -1,6 +1,7 @@
 """Bounded host memory of conversion (issue 14, item 2): `convert.from_hf` reads a sharded
-safetensors checkpoint one tensor at a time while it writes (`checkpoint.converted_lazily`), so its
-peak host allocation is about one tensor, not the model. tracemalloc counts numpy's allocations."""
+safetensors checkpoint one tensor at a time while it writes (`checkpoint.converted_lazily`), and
+`convert.to_hf` dequantizes a decoder layer at a time (`checkpoint.dense_lazily`), so the peak host
+allocation is about one tensor / one layer, not the model. tracemalloc counts numpy's allocations."""
 from __future__ import annotations
 
 import json
@@ -42,3 +43,38 @@ def test_convert_from_hf_streams_one_tensor_at_a_time(tmp_path):
     assert sorted(r.keys()) == names
     for k in names:
         np.testing.assert_array_equal(r.get(k), tensors[k], err_msg=k)
+
+
+def test_export_to_hf_streams_one_layer_at_a_time(tmp_path):
+    """convert.to_hf of a quantized checkpoint dequantizes, puts back the weak columns and undoes
+    OGR a decoder layer at a time (`checkpoint.dense_lazily`), each written before the next."""
+    from convert.hf_export import export
+    from qeft_jax.checkpoint import write_fp
+    from qeft_jax.quant.pipeline import quantize_checkpoint
+    from qeft_jax.recipes import make_recipe
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    rng = np.random.default_rng(0)
+    fp = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in spec.fp_shapes(cfg).items()}
+    src = tmp_path / "fp"
+    src.mkdir()
+    write_fp(src, cfg.to_hf_dict(), fp)
+    q = tmp_path / "q"
+    ids = rng.integers(0, cfg.vocab_size, (2, 16))
+    quantize_checkpoint(src, q, make_recipe("qeft", bits=4, group_size=64, k=8), ids, progress=False)
+
+    tracemalloc.start()
+    try:
+        export(q, tmp_path / "hf")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    total = sum(t.nbytes for t in fp.values())  # the dense float32 model the export writes
+    layer = sum(t.nbytes for k, t in fp.items() if k.startswith(spec.layer_prefix(0)))
+    assert peak < 4 * layer and peak < total / 2, (peak, layer, total)  # whole model: peak > total
+    r = SafetensorsReader([tmp_path / "hf" / "model.safetensors"])
+    assert sorted(r.keys()) == sorted(fp)
+    for k, t in fp.items():  # in the original channel order again: 4-bit g64 is close to the fp weights
+        got = r.get(k)
+        assert got.shape == t.shape and np.linalg.norm(got - t) <= 0.2 * np.linalg.norm(t), k

@@ -49,10 +49,12 @@ def tensors_from_hf(tensors: dict[str, np.ndarray], cfg: Any) -> dict[str, np.nd
 
 def tensors_to_hf(tensors: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndarray]:
     out = dict(tensors)
-    for i in range(cfg.num_hidden_layers):
+    for i in range(cfg.num_hidden_layers):  # the layers present (an exporter passes one at a time)
         p = _LAYER.format(i=i)
-        out[p + "self_attn.qkv_proj.weight"] = np.concatenate(
-            [out.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        out[p + "mlp.gate_up_proj.weight"] = np.concatenate(
-            [out.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
+        if p + "self_attn.q_proj.weight" in out:
+            out[p + "self_attn.qkv_proj.weight"] = np.concatenate(
+                [out.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        if p + "mlp.gate_proj.weight" in out:
+            out[p + "mlp.gate_up_proj.weight"] = np.concatenate(
+                [out.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
     return out
