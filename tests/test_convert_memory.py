@@ -13,12 +13,24 @@ from qeft_jax import spec
 from qeft_jax.config import ModelConfig
 from qeft_jax.io import SafetensorsReader, write_safetensors
 
+CFG = ModelConfig(vocab_size=300, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+def peak_bytes(fn, *args) -> int:
+    """Peak bytes numpy (and Python) allocated while fn(*args) ran."""
+    tracemalloc.start()
+    try:
+        fn(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
 
 def test_convert_from_hf_streams_one_tensor_at_a_time(tmp_path):
     from convert.hf import convert
 
-    cfg = ModelConfig(vocab_size=300, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    cfg = CFG
     rng = np.random.default_rng(0)
     tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in spec.fp_shapes(cfg).items()}
     src = tmp_path / "hf"
@@ -31,12 +43,7 @@ def test_convert_from_hf_streams_one_tensor_at_a_time(tmp_path):
         {"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
     (src / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
 
-    tracemalloc.start()
-    try:
-        convert(src, tmp_path / "out")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = peak_bytes(convert, src, tmp_path / "out")
     total, largest = sum(t.nbytes for t in tensors.values()), max(t.nbytes for t in tensors.values())
     assert peak < 3 * largest and peak < total / 8, (peak, largest, total)  # whole model: peak > total
     r = SafetensorsReader([tmp_path / "out" / "model.safetensors"])
@@ -53,8 +60,7 @@ def test_export_to_hf_streams_one_layer_at_a_time(tmp_path):
     from qeft_jax.quant.pipeline import quantize_checkpoint
     from qeft_jax.recipes import make_recipe
 
-    cfg = ModelConfig(vocab_size=300, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    cfg = CFG
     rng = np.random.default_rng(0)
     fp = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in spec.fp_shapes(cfg).items()}
     src = tmp_path / "fp"
@@ -64,12 +70,7 @@ def test_export_to_hf_streams_one_layer_at_a_time(tmp_path):
     ids = rng.integers(0, cfg.vocab_size, (2, 16))
     quantize_checkpoint(src, q, make_recipe("qeft", bits=4, group_size=64, k=8), ids, progress=False)
 
-    tracemalloc.start()
-    try:
-        export(q, tmp_path / "hf")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = peak_bytes(export, q, tmp_path / "hf")
     total = sum(t.nbytes for t in fp.values())  # the dense float32 model the export writes
     layer = sum(t.nbytes for k, t in fp.items() if k.startswith(spec.layer_prefix(0)))
     assert peak < 4 * layer and peak < total / 2, (peak, layer, total)  # whole model: peak > total
