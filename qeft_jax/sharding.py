@@ -18,7 +18,9 @@ optimizer moment is split over it too, FSDP-style (`fsdp_shardings`: each leaf's
 the axis size divides; leaves with no such axis are replicated). Inside the jitted step XLA
 all-gathers a weight where a matmul needs it and reduce-scatters the gradients back to the
 shards, so each device holds 1/N of the trainable state and of the frozen packed base. The step
-function is the single-device one; only where the arrays live changes.
+function is the single-device one; only where the arrays live changes. The checkpoint is loaded
+straight into that layout (`fsdp_layout` -> `checkpoint.read_sharded`): each process reads from
+the file only the slices its own devices hold, so no host ever holds the whole model.
 
 Multi-host (several processes, one per host)
 --------------------------------------------
