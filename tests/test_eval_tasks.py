@@ -493,3 +493,26 @@ def test_adapter_is_registered():
     from lm_eval.api.registry import get_model
 
     assert get_model("qeft-jax") is adapter_mod.QeftJaxLM
+
+
+def test_shared_context_rows_match_scoring_each_request_alone(tiny):
+    """Choices sharing a context run in one row (the context once, each continuation its own
+    segment): every score equals the unpadded one-request reference, for continuations of 0, 1 and
+    several tokens, groups mixed with single requests, a group too long to share (scored alone),
+    and across batches and buckets."""
+    model, _ = tiny
+    rng = np.random.default_rng(0)
+    ctx_a, ctx_b = [3, 4, 5, 6], list(rng.integers(3, 60, 40))
+    reqs = [(ctx_a, [7]), (ctx_a, [8, 9, 10]), (ctx_a, []), (ctx_a, list(rng.integers(3, 60, 12))),
+            ([5, 6], [7, 8]),                                   # a context of its own
+            (ctx_b, [11, 12]), (ctx_b, [13]), (ctx_b, [14, 15, 16, 17]),
+            ([9] * 20, list(rng.integers(3, 60, 30))), ([9] * 20, list(rng.integers(3, 60, 30)))]
+    rows = T._rows(reqs, max_len=64, window=None)
+    assert len(rows) == 5, [len(r.ids) for r in rows]  # ctx_a, ctx_b shared; the rest alone
+    got = T.score_tokens(model, reqs, batch_size=2, max_length=64)
+    for (ctx, cont), (lp, greedy) in zip(reqs, got):
+        ref, ref_greedy = reference_logprob(model, ctx, cont, max_length=64) if cont else (0.0, True)
+        assert lp == pytest.approx(ref, abs=1e-4), (ctx, cont)
+        assert greedy == ref_greedy
+    # a sliding window shorter than the shared row: its requests are scored alone
+    assert len(T._rows(reqs[:4], max_len=64, window=8)) == 4 and len(T._rows(reqs[:4], max_len=64, window=None)) == 1
