@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
@@ -200,8 +200,8 @@ def check_tensors(want: Mapping[str, tuple[tuple[int, ...], Any]], tensors: Mapp
         if dtype is ANY_FLOAT:
             if not np.issubdtype(np.dtype(t.dtype), np.floating) and np.dtype(t.dtype).name != "bfloat16":
                 raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected a float type")
-            if finite and not all_finite(t):
-                raise CheckpointError(f"{source}: tensor '{k}' contains NaN or Inf")
+            if finite:
+                check_finite(t, k, source)
         elif t.dtype != dtype:
             raise CheckpointError(f"{source}: tensor '{k}' has dtype {t.dtype}, expected {np.dtype(dtype)}")
 
@@ -220,6 +220,13 @@ def read_subset(reader: SafetensorsReader, cfg: ModelConfig, select: Callable[[s
     tensors = {k: np.asarray(reader.get(k), dtype) for k in want if k in reader}
     check_tensors(want, tensors, source=source)
     return tensors
+
+
+def check_finite(a: np.ndarray, name: str, source: str) -> np.ndarray:
+    """`a` (tensor or slice `name` of `source`), or a CheckpointError if it holds NaN or Inf."""
+    if not all_finite(a):
+        raise CheckpointError(f"{source}: tensor '{name}' contains NaN or Inf")
+    return a
 
 
 def stand_in(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -246,10 +253,8 @@ def converted_lazily(sources: Mapping[str, LazyArray], cfg: ModelConfig, *, sour
 
     def load(k: str) -> dict[str, np.ndarray]:
         parts = families.tensors_from_hf(cfg.model_type, {k: sources[k].read()}, cfg)
-        for name, a in parts.items():
-            if want.get(name, (None, None))[1] is ANY_FLOAT and not all_finite(a):
-                raise CheckpointError(f"{source}: tensor '{name}' contains NaN or Inf")
-        return {name: np.ascontiguousarray(a) for name, a in parts.items()}
+        return {name: np.ascontiguousarray(check_finite(a, name, source) if want[name][1] is ANY_FLOAT else a)
+                for name, a in parts.items() if name in want}
 
     return grouped_lazily(layout, load)
 
@@ -286,9 +291,7 @@ class CheckedReader:
         return self.reader.keys()
 
     def _checked(self, name: str, a: np.ndarray) -> np.ndarray:
-        if name in self.want and self.want[name][1] is ANY_FLOAT and not all_finite(a):
-            raise CheckpointError(f"{self.source}: tensor '{name}' contains NaN or Inf")
-        return a
+        return check_finite(a, name, self.source) if self.want.get(name, (None, 0))[1] is ANY_FLOAT else a
 
     def get(self, name: str) -> np.ndarray:
         return self._checked(name, self.reader.get(name))
