@@ -296,6 +296,11 @@ class CheckedReader:
     def get(self, name: str) -> np.ndarray:
         return self._checked(name, self.reader.get(name))
 
+    __getitem__ = get  # a read-on-demand mapping for the helpers that take tensors by name
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
     def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         return self._checked(name, self.reader.get_slice(name, index))
 
@@ -367,24 +372,20 @@ def dense_lazily(info: CheckpointInfo, transform: Callable[[dict[str, np.ndarray
     for k, g in group_of.items():
         members.setdefault(g, []).append(k)
     inv = lambda perms: {d: np.argsort(p) for d, p in perms.items()}
-    perm = lambda name, i: np.asarray(r.get(spec.PERM_TENSORS[name].format(i=i)), np.int64)
+    layer_index = {spec.layer_prefix(i): i for i in range(cfg.num_hidden_layers)}
 
     def dense(group: str) -> dict[str, np.ndarray]:
         if not info.quantized:
-            return {k: r.get(k) for k in members[group]}
-        if group not in spec.top_dims(cfg):  # a decoder layer
-            i = next(i for i in range(cfg.num_hidden_layers) if spec.layer_prefix(i) == group)
-            t = {name: np.asarray(r.get(group + name), np.float32) for name in spec.norm_dims(cfg)}
-            for name in spec.LINEAR_NAMES:
-                fields = {f: r.get(f"{group}{name}.{f}") for f in ("qweight", "scales", "zeros", "weak", "weak_idx")}
-                t[name + ".weight"] = dense_linear({f"{name}.{f}": v for f, v in fields.items()}, name,
-                                                   linear_spec(cfg, recipe, name))
-                if f"{group}{name}.bias" in r.want:
-                    t[name + ".bias"] = np.asarray(r.get(f"{group}{name}.bias"), np.float32)
-            t = spec.permute(t, spec.layer_dims(cfg), inv({"hidden": perm("hidden", i), "ffn": perm("ffn", i)}))
-            return {group + k: v for k, v in t.items()}
-        t = {group: np.asarray(r.get(group), np.float32)}
-        return spec.permute(t, {group: spec.top_dims(cfg)[group]}, {"hidden": np.argsort(perm("hidden", 0))})
+            return {k: r[k] for k in members[group]}
+        if group not in layer_index:  # one top-level tensor
+            return spec.permute({group: np.asarray(r[group], np.float32)}, spec.top_dims(cfg), inv(layer_perms(r, 0)))
+        t = {name: np.asarray(r[group + name], np.float32) for name in spec.norm_dims(cfg)}
+        for name in spec.LINEAR_NAMES:
+            t[name + ".weight"] = dense_linear(r, group + name, linear_spec(cfg, recipe, name))
+            if group + name + ".bias" in r.want:
+                t[name + ".bias"] = np.asarray(r[group + name + ".bias"], np.float32)
+        t = spec.permute(t, spec.layer_dims(cfg), inv(layer_perms(r, layer_index[group])))
+        return {group + k: v for k, v in t.items()}
 
     layout = {}
     for g, names in members.items():
