@@ -1,10 +1,12 @@
 """Fine-tuning step cost, side by side: QEFT vs QLoRA vs LoRA vs full, and the lower bound.
 
-    python benchmarks/train_step.py [--quick] [--model default|DIR] [--batch B] [--seq-len T]
+    python benchmarks/train_step.py [--quick] [--model default|DIR] [--batch B] [--seq-len T] [--k 16[,64]]
 
 One model (the default model, or with --quick a small random Llama), one batch, one sequence
 length. qeft/qlora run on its 4-bit QEFT quantization (k weak columns; quantized here on random
-calibration ids, which does not matter for speed), lora/full on the fp model. Each method runs in
+calibration ids, which does not matter for speed), lora/full on the fp model. With several k
+(--k 16,64) the first is the `qeft` row and every further k adds a `qeft_k<k>` row on its own
+quantization. Each method runs in
 its own process (clean peak-memory figures), one optimizer step = forward + backward + AdamW on
 one micro-batch (no accumulation), timed as the median (`<method>_ms`) and minimum
 (`<method>_min_ms`) of --iters steps after a warm-up; the ratios use the medians.
@@ -159,11 +161,12 @@ def main() -> None:
     p.add_argument("--model", default="default", help="fp checkpoint dir or 'default' (ignored with --quick)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--k", default="16", help="weak columns; comma-separated for one qeft row per k")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--remat", action="store_true")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--out", type=Path, default=None, help="also write the final JSON (with the command) here")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child process: one method
     p.add_argument("--fpdir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--qdir", default=None, help=argparse.SUPPRESS)
@@ -182,13 +185,18 @@ def main() -> None:
             from qeft_jax.load import resolve
 
             fp = resolve(a.model)
-        t0 = time.time()
-        q = quantize_for_bench(fp, Path(tmp) / "q", a.k, 128 if not a.quick else 64)
-        print(f"quantized {fp} (qeft, k={a.k}) in {time.time() - t0:.1f} s", file=sys.stderr)
+        ks = [int(k) for k in str(a.k).split(",")]
+        qdirs = {}
+        for k in ks:
+            t0 = time.time()
+            qdirs[k] = quantize_for_bench(fp, Path(tmp) / f"q{k}", k, 128 if not a.quick else 64)
+            print(f"quantized {fp} (qeft, k={k}) in {time.time() - t0:.1f} s", file=sys.stderr)
         results: dict = {"device": __import__("jax").devices()[0].device_kind, "batch": a.batch,
-                         "seq_len": a.seq_len, "k": a.k, "lora_rank": a.lora_rank, "remat": a.remat}
-        for method in ("bound",) + METHODS:
-            cmd = [sys.executable, __file__, "--only", method, "--fpdir", str(fp), "--qdir", str(q),
+                         "seq_len": a.seq_len, "k": ks[0], "lora_rank": a.lora_rank, "remat": a.remat}
+        rows = [("bound", "bound", ks[0])] + [(m, m, ks[0]) for m in METHODS] + [(f"qeft_k{k}", "qeft", k)
+                                                                              for k in ks[1:]]
+        for row, method, k in rows:
+            cmd = [sys.executable, __file__, "--only", method, "--fpdir", str(fp), "--qdir", str(qdirs[k]),
                    "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--iters", str(a.iters),
                    "--lora-rank", str(a.lora_rank), "--dtype", a.dtype] + (["--remat"] if a.remat else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
@@ -196,21 +204,27 @@ def main() -> None:
             if proc.returncode or not line:
                 raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
             r = json.loads(line[0][len("RESULT "):])
-            results[f"{method}_ms"] = round(r["ms"], 3)
-            results[f"{method}_min_ms"] = round(r["min_ms"], 3)
-            results[f"{method}_mem_mb"] = r["mem_mb"]
-            results[f"{method}_gflops"] = r["gflops"]
+            results[f"{row}_ms"] = round(r["ms"], 3)
+            results[f"{row}_min_ms"] = round(r["min_ms"], 3)
+            results[f"{row}_mem_mb"] = r["mem_mb"]
+            results[f"{row}_gflops"] = r["gflops"]
             if r.get("peak_mb") is not None:
-                results[f"{method}_peak_mb"] = r["peak_mb"]
+                results[f"{row}_peak_mb"] = r["peak_mb"]
             if "trainable_params" in r:
-                results[f"{method}_trainable_params"] = r["trainable_params"]
-            print(f"{method:>6}: {r['ms']:9.2f} ms/step   {r['gflops']} GFLOP   mem {r['mem_mb']} MB"
+                results[f"{row}_trainable_params"] = r["trainable_params"]
+            print(f"{row:>8}: {r['ms']:9.2f} ms/step   {r['gflops']} GFLOP   mem {r['mem_mb']} MB"
                   + (f"   peak {r['peak_mb']} MB" if r.get("peak_mb") is not None else ""), file=sys.stderr)
     qe = results["qeft_ms"]
     results.update(qlora_over_qeft=round(results["qlora_ms"] / qe, 3),
                    lora_over_qeft=round(results["lora_ms"] / qe, 3),
                    full_over_qeft=round(results["full_ms"] / qe, 3),
-                   qeft_over_bound=round(qe / results["bound_ms"], 3))
+                   qeft_over_bound=round(qe / results["bound_ms"], 3),
+                   **{f"qlora_over_qeft_k{k}": round(results["qlora_ms"] / results[f"qeft_k{k}_ms"], 3)
+                      for k in ks[1:]})
+    if a.out:
+        from qeft_jax.io import write_json_atomic
+
+        write_json_atomic(a.out, {"command": " ".join(sys.argv), **results})
     print(json.dumps(results))
 
 
