@@ -516,3 +516,24 @@ def test_shared_context_rows_match_scoring_each_request_alone(tiny):
         assert greedy == ref_greedy
     # a sliding window shorter than the shared row: its requests are scored alone
     assert len(T._rows(reqs[:4], max_len=64, window=8)) == 4 and len(T._rows(reqs[:4], max_len=64, window=None)) == 1
+
+
+def test_window_nll_and_perplexity_match_a_numpy_log_softmax(tiny):
+    """Per-window NLL sums (5 windows of 13 tokens, batches of 2: a partial last batch) equal a
+    float64 log-softmax of the model's logits, and perplexity is exp(their sum / predicted tokens)."""
+    from qeft_jax.eval.perplexity import perplexity, window_nll
+
+    model, _ = tiny
+    vocab = model.config.vocab_size
+    ids = np.random.default_rng(3).integers(0, vocab, (5, 13))
+    got = window_nll(model, ids, batch_size=2, progress=False)
+    logits = np.asarray(_logits(*nnx.split(model), jnp.asarray(ids)), np.float64)[:, :-1]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    ref = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0].sum(-1)
+    assert got.shape == (5,)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    ppl, tokens = perplexity(model, ids, batch_size=2, progress=False)
+    assert tokens == 5 * 12 and ppl == pytest.approx(np.exp(ref.sum() / tokens), rel=1e-5)
+    with pytest.raises(ValueError, match="token windows"):
+        window_nll(model, ids[0], progress=False)
