@@ -366,25 +366,24 @@ def dense_lazily(info: CheckpointInfo, transform: Callable[[dict[str, np.ndarray
     r = CheckedReader(info, checksum=True)
     cfg, recipe = info.config, info.recipe
     shapes = spec.fp_shapes(cfg)
-    group_of = {k: next((spec.layer_prefix(i) for i in range(cfg.num_hidden_layers)
-                         if k.startswith(spec.layer_prefix(i))), k) for k in shapes}
-    members: dict[str, list[str]] = {}
-    for k, g in group_of.items():
-        members.setdefault(g, []).append(k)
+    members: dict[str, list[str]] = {}  # group (a layer's prefix, or a top-level tensor's name) -> tensors
+    for k in shapes:
+        i = spec.layer_of(k)
+        members.setdefault(k if i is None else spec.layer_prefix(i), []).append(k)
     inv = lambda perms: {d: np.argsort(p) for d, p in perms.items()}
-    layer_index = {spec.layer_prefix(i): i for i in range(cfg.num_hidden_layers)}
 
     def dense(group: str) -> dict[str, np.ndarray]:
         if not info.quantized:
             return {k: r[k] for k in members[group]}
-        if group not in layer_index:  # one top-level tensor
+        i = spec.layer_of(group)
+        if i is None:  # one top-level tensor
             return spec.permute({group: np.asarray(r[group], np.float32)}, spec.top_dims(cfg), inv(layer_perms(r, 0)))
         t = {name: np.asarray(r[group + name], np.float32) for name in spec.norm_dims(cfg)}
         for name in spec.LINEAR_NAMES:
             t[name + ".weight"] = dense_linear(r, group + name, linear_spec(cfg, recipe, name))
             if group + name + ".bias" in r.want:
                 t[name + ".bias"] = np.asarray(r[group + name + ".bias"], np.float32)
-        t = spec.permute(t, spec.layer_dims(cfg), inv(layer_perms(r, layer_index[group])))
+        t = spec.permute(t, spec.layer_dims(cfg), inv(layer_perms(r, i)))
         return {group + k: v for k, v in t.items()}
 
     layout = {}
