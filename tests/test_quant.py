@@ -702,7 +702,8 @@ def test_awq_objective_and_search_match_numpy():
     """The Hessian form tr(ΔW H ΔWᵀ) of the objective equals Eq. 4 on the activations, and the
     search picks the numpy argmin over α; on a linear with a few large-activation channels it beats
     plain RTN clearly."""
-    from qeft_jax.quant.awq import alpha_grid, candidate_scale, scaled_output_error, search_scale
+    from qeft_jax.quant.awq import (alpha_grid, candidate_scale, effective_weight, hessian_error, hessian_loss,
+                                    search_scale)
 
     bits, g, out, n, T = 3, 32, 40, 96, 512
     rng = np.random.default_rng(0)
@@ -716,14 +717,14 @@ def test_awq_objective_and_search_match_numpy():
         s = np_awq_scale(absmean, a)
         np.testing.assert_allclose(np.asarray(candidate_scale(absmean, a)), s, rtol=1e-5)
         ref.append(np_awq_output_error(w, x, s, bits, g))
-        np.testing.assert_allclose(float(scaled_output_error(jnp.asarray(w), jnp.asarray(h), jnp.asarray(s), **plain)),
-                                   ref[-1], rtol=1e-4)
-    found = search_scale([w], h, absmean, n_grid=20, **plain)
+        w_eff = effective_weight(jnp.asarray(w), jnp.asarray(s), **plain)
+        np.testing.assert_allclose(float(hessian_error(jnp.asarray(w), w_eff, jnp.asarray(h))), ref[-1], rtol=1e-4)
+    found = search_scale([w], absmean, hessian_loss([w], h), n_grid=20, **plain)
     assert found.alpha == alpha_grid(20)[int(np.argmin(ref))] > 0
     np.testing.assert_allclose(found.errors, ref, rtol=1e-4)
     np.testing.assert_allclose(found.scale, np_awq_scale(absmean, found.alpha), rtol=1e-5)
     # with the clipping grid search (the recipe's quantizer): α = 0 is plain RTN, and AWQ beats it
-    found = search_scale([w], h, absmean, n_grid=20, bits=bits, group_size=g)
+    found = search_scale([w], absmean, hessian_loss([w], h), n_grid=20, bits=bits, group_size=g)
     s0, z0 = search_group_params(jnp.asarray(w), bits=bits, group_size=g)
     q_rtn = np_dequant(np.asarray(rtn(jnp.asarray(w), s0, z0, bits=bits, group_size=g)), np.asarray(s0),
                        np.asarray(z0), g)
@@ -733,14 +734,15 @@ def test_awq_objective_and_search_match_numpy():
 
 
 def test_awq_search_picks_alpha_zero_when_optimal():
-    from qeft_jax.quant.awq import search_scale
+    from qeft_jax.quant.awq import hessian_loss, search_scale
 
     bits, g, out, n, T = 4, 32, 24, 64, 256
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((out, n)) * 0.05).astype(np.float32)
     # uniform activation magnitudes (|x| = 1 everywhere): every α gives s = 1, ties go to α = 0
     x = rng.choice(np.float32([-1.0, 1.0]), (T, n))
-    found = search_scale([w, 2 * w[:5]], hessian(x), np.abs(x).mean(0), n_grid=20, bits=bits, group_size=g)
+    found = search_scale([w, 2 * w[:5]], np.abs(x).mean(0), hessian_loss([w, 2 * w[:5]], hessian(x)), n_grid=20,
+                         bits=bits, group_size=g)
     assert found.alpha == 0.0
     np.testing.assert_array_equal(found.scale, np.ones(n, np.float32))
     # statistics that single out one channel per group whose output error does not count (H = 0 there)
@@ -752,8 +754,47 @@ def test_awq_search_picks_alpha_zero_when_optimal():
     h = hessian(x)
     h[[0, 33], :] = 0
     h[:, [0, 33]] = 0
-    found = search_scale([w], h, absmean, n_grid=20, bits=bits, group_size=g)
+    found = search_scale([w], absmean, hessian_loss([w], h), n_grid=20, bits=bits, group_size=g)
     assert found.alpha == 0.0 and np.all(found.errors[1:] > found.errors[0])
+
+
+@pytest.mark.parametrize("name", ["gqa_untied", "llama3_rope_bias"])
+def test_awq_attention_output_errors_match_layers_built_per_candidate(name, converted):
+    """attention_output_errors (all candidates of q/k/v in one pass, swapped into one layer inside
+    the jitted map) equals, per candidate, the mean squared difference of o_proj's output between a
+    layer built with that candidate's weights and the fp layer; batches that do not divide N."""
+    from safetensors.numpy import load_file
+
+    from qeft_jax import spec
+    from qeft_jax.config import ModelConfig
+    from qeft_jax.model import rope_inv_freq
+    from qeft_jax.quant.calibrate import attention_output_errors, build_layer
+
+    cfg = ModelConfig.from_json_file(converted[name] / "config.json")
+    p = spec.layer_prefix(1)
+    t = {k[len(p):]: np.asarray(v, np.float32) for k, v in load_file(converted[name] / "model.safetensors").items()
+         if k.startswith(p)}
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 7, cfg.hidden_size)).astype(np.float32)
+    names = spec.readers(spec.ATTN_IN)
+    assert names == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    candidates = [[t[n + ".weight"] * (1 + 0.3 * c * rng.standard_normal(t[n + ".weight"].shape)).astype(np.float32)
+                   for n in names] for c in range(3)]   # candidate 0: the fp weights themselves
+    got = attention_output_errors(build_layer(cfg, 1, t), x, cfg, names, iter(candidates), batch_size=2)
+
+    def attention_out(tensors):
+        layer = build_layer(cfg, 1, tensors)
+        pos = jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (5, 7))
+        _, _, inputs = layer.forward_with_inputs(jnp.asarray(x), pos, jnp.ones((5, 7), jnp.int32),
+                                                 jnp.asarray(rope_inv_freq(cfg)), None, jnp.int32(0))
+        return np.asarray(inputs[spec.O_IN], np.float64) @ t["self_attn.o_proj.weight"].T.astype(np.float64) + \
+            t.get("self_attn.o_proj.bias", 0.0)
+
+    ref = attention_out(t)
+    want = [np.sum((attention_out({**t, **{n + ".weight": w for n, w in zip(names, ws)}}) - ref) ** 2) / 35
+            for ws in candidates]
+    assert got.shape == (3,) and got[0] < 1e-10 * want[1] and want[1] > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-12)
 
 
 AWQ_E2E = ("gqa_untied", "mha_tied")   # o_proj's input: skipped under GQA, folded into v_proj without
@@ -779,15 +820,16 @@ def awq_models(converted, tmp_path_factory):
 
 def test_awq_e2e_loads_and_first_block_error_not_worse_than_rtn(awq_models):
     """The AWQ checkpoints load, give finite logits close to fp and record their α; on block 0 (where
-    AWQ and RTN see the same inputs: the embeddings of the calibration tokens) the summed output
-    error of q/k/v on the calibration tokens is no worse than RTN's, strictly better where the search
-    chose α > 0. (Whole-model losses of AWQ vs RTN on these tiny random models go either way with the
-    evaluation ids, so they are not asserted.) GQA model for the comparison: there v_proj's rows are
+    AWQ and RTN see the same inputs: the embeddings of the calibration tokens) the error at the
+    attention output (o_proj in fp) on the calibration tokens is no worse than RTN's, strictly better
+    where the search chose α > 0. (Whole-model losses of AWQ vs RTN on these tiny random models go
+    either way with the evaluation ids, so they are not asserted.) GQA model for the comparison: there v_proj's rows are
     not rescaled for o_proj, so its output is comparable with RTN's as is."""
     from safetensors.numpy import load_file
 
     from qeft_jax import load_model, spec
     from qeft_jax.config import ModelConfig
+    from qeft_jax.model import rope_inv_freq
     from qeft_jax.qlinear import QEFTLinear
 
     for name in AWQ_E2E:
@@ -809,24 +851,19 @@ def test_awq_e2e_loads_and_first_block_error_not_worse_than_rtn(awq_models):
 
     src, qdir, recipe, summary, calib = awq_models["gqa_untied", "awq"]
     cfg = ModelConfig.from_json_file(src / "config.json")
+    fp_t = load_file(src / "model.safetensors")
+    x0 = jnp.asarray(fp_t["model.embed_tokens.weight"][calib])
+    pos = jnp.broadcast_to(jnp.arange(calib.shape[1], dtype=jnp.int32), calib.shape)
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
 
-    def rms(x, w):
-        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.rms_norm_eps) * (cfg.norm_offset + w)
+    def attention_out(model_dir):  # block 0's attention output with the fp o_proj (what AWQ scores)
+        layer = load_model(model_dir)[0].model.layers[0]
+        o_in, _ = layer.self_attn.attend(layer.input_layernorm(x0), pos, jnp.ones(calib.shape, jnp.int32),
+                                         inv_freq, None, jnp.int32(0))
+        return np.asarray(o_in, np.float64) @ fp_t["model.layers.0.self_attn.o_proj.weight"].T.astype(np.float64)
 
-    fp_t, g = load_file(src / "model.safetensors"), recipe.group_size
-    x0 = fp_t["model.embed_tokens.weight"][calib].astype(np.float64)
-    a_fp = rms(x0, fp_t["model.layers.0.input_layernorm.weight"].astype(np.float64))
-    errs = {}
-    for m in ("awq", "rtn"):
-        t = load_file(awq_models["gqa_untied", m][1] / "model.safetensors")
-        a = rms(x0, t["model.layers.0.input_layernorm.weight"].astype(np.float64))
-        errs[m] = 0.0
-        for r in spec.readers(spec.ATTN_IN):
-            p = f"model.layers.0.{r}."
-            wq, _ = _dense_from_packed({f: t[p + f] for f in ("qweight", "scales", "zeros", "weak", "weak_idx")},
-                                       recipe.bits, g, cfg.hidden_size)
-            d = a @ wq.T.astype(np.float64) - a_fp @ fp_t[p + "weight"].T.astype(np.float64)
-            errs[m] += float(np.sum(d * d))
+    ref = attention_out(src)
+    errs = {m: float(np.sum((attention_out(awq_models["gqa_untied", m][1]) - ref) ** 2)) for m in ("awq", "rtn")}
     assert errs["awq"] <= errs["rtn"] * (1 + 1e-4), errs
     if summary["awq_alpha"][0][spec.ATTN_IN] > 0:
         assert errs["awq"] < errs["rtn"], errs

@@ -13,19 +13,24 @@ grid. As in the authors' code (llm-awq, AutoAWQ), s is clamped at 1e-4 and norma
 sqrt(max(s) · min(s)), and α = 0 (s = 1, plain RTN with the same grid) is one of the candidates,
 so the search never does worse than RTN on the objective.
 
-Here the objective needs no activations: with ΔW = Q(W · diag(s)) · diag(s)^-1 - W (the effective
-weight error in the original input space) and H = 2 XᵀX / tokens, the Hessian the pipeline already
-accumulates,
+For most activations the objective needs no activations: with ΔW = Q(W · diag(s)) · diag(s)^-1 - W
+(the effective weight error in the original input space) and H = 2 XᵀX / tokens, the Hessian the
+pipeline already accumulates,
 
     L(s) · 2 / tokens = tr(ΔW · H · ΔWᵀ),
 
-summed over the linears sharing x. Q is the project's group-wise quantizer with its clipping grid
-search (`qeft_jax.quant.groupwise`) and round-to-nearest (no OPTQ, as in AWQ). Unlike AutoAWQ, which
-measures q/k/v's and gate/up's error at the output of the whole attention / MLP block and then runs
-a separate output-error clipping search, the error here is each linear's own output error and the
-clipping is the quantizer's weight-error grid search. That difference matters at 3 bits: on the default
-model the q/k/v input's scale (α 0.6-0.65 in most layers) makes the whole model worse than RTN
-(`benchmarks/awq_study.py`); scoring q/k/v's α at the attention output is the known fix, not done yet.
+summed over the linears sharing x (`hessian_loss`). q/k/v's input is different: their outputs go
+through the softmax, so their own output errors say little about the error that reaches the
+residual stream. As in AutoAWQ, their α is scored at the attention output instead (o_proj's output,
+o_proj in fp), which needs the calibration activations: `search_scale` takes the loss as a function
+of every candidate's effective weights, and the pipeline hands it a pass over the activations for
+q/k/v (`qeft_jax.quant.calibrate.attention_output_errors`). Scored per linear at 3 bits, q/k/v's
+scale made the default model worse than RTN (`benchmarks/awq_study.py`).
+
+Q is the project's group-wise quantizer with its clipping grid search (`qeft_jax.quant.groupwise`)
+and round-to-nearest (no OPTQ, as in AWQ), so α = 0 is exactly what RTN stores. Unlike AutoAWQ,
+gate/up's error is each linear's own output error (not the MLP's output), and the clipping is the
+quantizer's weight-error grid search (not a separate output-error search).
 
 The scale is then folded exactly (`fold_scales`): W · diag(s) into the readers' input columns and
 diag(s)^-1 into the parameter that produces x (`qeft_jax.spec.PRODUCERS`: an RMSNorm weight, or the
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,27 +68,39 @@ def candidate_scale(absmean: jax.Array, alpha: float) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("bits", "group_size", "grid", "max_shrink", "storage_dtype"))
-def scaled_weight_error(w: jax.Array, s: jax.Array, *, bits: int, group_size: int, grid: int = 100,
-                        max_shrink: float = 0.8, storage_dtype=jnp.float16) -> jax.Array:
-    """ΔW = Q(W · diag(s)) · diag(s)^-1 - W [out, n]: the effective weight error of quantizing the
-    scaled weight, seen from the unscaled input. Q: grid-searched group params + RTN."""
+def effective_weight(w: jax.Array, s: jax.Array, *, bits: int, group_size: int, grid: int = 100,
+                     max_shrink: float = 0.8, storage_dtype=jnp.float16) -> jax.Array:
+    """Q(W · diag(s)) · diag(s)^-1 [out, n]: the weight the scaled, quantized linear applies to the
+    unscaled input. Q: grid-searched group params + RTN."""
     w = w.astype(jnp.float32)
     ws = w * s[None, :]
     scales, zeros = search_group_params(ws, bits=bits, group_size=group_size, grid=grid,
                                         max_shrink=max_shrink, storage_dtype=storage_dtype)
     sc, zc = column_params(scales, zeros, w.shape[1], group_size)
-    return fake_quantize(ws, sc, zc, 2 ** bits - 1) / s[None, :] - w
+    return fake_quantize(ws, sc, zc, 2 ** bits - 1) / s[None, :]
 
 
-@partial(jax.jit, static_argnames=("bits", "group_size", "grid", "max_shrink", "storage_dtype"))
-def scaled_output_error(w: jax.Array, h: jax.Array, s: jax.Array, *, bits: int, group_size: int,
-                        grid: int = 100, max_shrink: float = 0.8, storage_dtype=jnp.float16) -> jax.Array:
-    """tr(ΔW · H · ΔWᵀ) = (2 / tokens) · || Q(W · diag(s)) · (diag(s)^-1 · X) - W · X ||² (Eq. 4)
-    for one linear W [out, n] and its input's Hessian H = 2 XᵀX / tokens [n, n]."""
-    dw = scaled_weight_error(w, s, bits=bits, group_size=group_size, grid=grid, max_shrink=max_shrink,
-                             storage_dtype=storage_dtype)
+@jax.jit
+def hessian_error(w: jax.Array, w_eff: jax.Array, h: jax.Array) -> jax.Array:
+    """tr(ΔW · H · ΔWᵀ) = (2 / tokens) · || W_eff · X - W · X ||² (Eq. 4 for W_eff = Q(W diag(s))
+    diag(s)^-1) for one linear [out, n] and its input's Hessian H = 2 XᵀX / tokens [n, n]."""
+    dw = w_eff - w.astype(jnp.float32)
     hw = jnp.matmul(dw, h.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return jnp.sum(hw * dw)
+
+
+# L over the candidates: each candidate's effective weights (one per linear, in `weights` order),
+# yielded one candidate at a time -> L per candidate [A]
+Loss = Callable[[Iterator[list[jax.Array]]], np.ndarray]
+
+
+def hessian_loss(weights: Sequence[np.ndarray | jax.Array], h: np.ndarray | jax.Array) -> Loss:
+    """L = Σ over the linears of tr(ΔW · H · ΔWᵀ): their own output errors on the calibration
+    inputs, from the Hessian alone. Candidates are scored as they come (one in memory at a time)."""
+    ws = [jnp.asarray(w, jnp.float32) for w in weights]
+    h = jnp.asarray(h, jnp.float32)
+    return lambda candidates: np.array([sum(float(hessian_error(w, e, h)) for w, e in zip(ws, effs))
+                                        for effs in candidates])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,20 +113,20 @@ class ScaleSearch:
     errors: np.ndarray
 
 
-def search_scale(weights: Sequence[np.ndarray | jax.Array], h: np.ndarray | jax.Array,
-                 absmean: np.ndarray | jax.Array, *, n_grid: int, bits: int, group_size: int,
-                 grid: int = 100, max_shrink: float = 0.8, storage_dtype=jnp.float16) -> ScaleSearch:
-    """Eq. (5) for the linears `weights` ([out_i, n] each) that read one activation with Hessian
-    h [n, n] and per-channel mean |x| `absmean` [n]: the α on `alpha_grid(n_grid)` whose scale
-    minimises the summed output error. Ties go to the smaller α (α = 0 first: never worse than RTN)."""
-    h = jnp.asarray(h, jnp.float32)
+def search_scale(weights: Sequence[np.ndarray | jax.Array], absmean: np.ndarray | jax.Array, loss: Loss, *,
+                 n_grid: int, bits: int, group_size: int, grid: int = 100, max_shrink: float = 0.8,
+                 storage_dtype=jnp.float16) -> ScaleSearch:
+    """Eq. (5) for the linears `weights` ([out_i, n] each) that read one activation with per-channel
+    mean |x| `absmean` [n]: the α on `alpha_grid(n_grid)` whose scale minimises `loss` (e.g.
+    `hessian_loss`). Ties go to the smaller α (α = 0 first: never worse than RTN on the loss)."""
     ws = [jnp.asarray(w, jnp.float32) for w in weights]
     kw = dict(bits=bits, group_size=group_size, grid=grid, max_shrink=max_shrink,
               storage_dtype=jnp.dtype(storage_dtype))
     alphas = alpha_grid(n_grid)
-    errors = np.array([sum(float(scaled_output_error(w, h, candidate_scale(absmean, a), **kw)) for w in ws)
-                       for a in alphas])
-    if not np.all(np.isfinite(errors)):
+    candidates = ([effective_weight(w, s, **kw) for w in ws]
+                  for s in (candidate_scale(absmean, a) for a in alphas))
+    errors = np.asarray(loss(candidates), np.float64)
+    if errors.shape != alphas.shape or not np.all(np.isfinite(errors)):
         raise ValueError("AWQ scale search: the output error is NaN/Inf (broken weights or statistics)")
     best = int(np.argmin(errors))
     return ScaleSearch(np.asarray(candidate_scale(absmean, alphas[best])), float(alphas[best]), alphas, errors)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from qeft_jax import sharding as shd
 from qeft_jax.checkpoint import STORAGE_DTYPES
 from qeft_jax.config import ModelConfig
 from qeft_jax.io import RowFile
-from qeft_jax.model import DecoderLayer, place_tensors, rope_inv_freq, swap_linears
+from qeft_jax.model import DecoderLayer, dotted, place_tensors, rope_inv_freq, swap_linears
 
 
 Rows = Union[np.ndarray, RowFile]   # activations [N, T, D], sliced along N: x[a:b], x[a:b] = y
@@ -126,6 +126,50 @@ def run_block(layer: DecoderLayer, x: Rows, cfg: ModelConfig, *, batch_size: int
     if not outputs and not all(np.all(np.isfinite(v)) for v in stats_out.values()):
         raise _nonfinite()
     return stats_out
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _attention_errors(graphdef: Any, own: Any, rest: Any, candidates: Any, x: jax.Array, inv_freq: jax.Array
+                      ) -> jax.Array:
+    """Σ over the batch's tokens of ||attn_c(x) - attn(x)||² for every candidate c: attn is the
+    block's attention output (o_proj's output) with its own weights `own`, attn_c the same with
+    `candidates` (the same state with a leading candidate axis [A, ...]) in their place. The fp
+    output is computed once, the candidates one at a time."""
+    b, t, _ = x.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = jnp.ones((b, t), jnp.int32)
+    a_in = nnx.merge(graphdef, own, rest).input_layernorm(x)
+
+    def attention(weights: Any) -> jax.Array:
+        layer = nnx.merge(graphdef, weights, rest)
+        o_in, _ = layer.self_attn.attend(a_in, pos, valid, inv_freq, None, jnp.int32(0))
+        return layer.self_attn.o_proj(o_in).astype(jnp.float32)
+
+    ref = attention(own)
+    return jax.lax.map(lambda weights: jnp.sum(jnp.square(attention(weights) - ref)), candidates)
+
+
+def attention_output_errors(layer: DecoderLayer, x: Rows, cfg: ModelConfig, names: Sequence[str],
+                            candidates: Iterable[Sequence[jax.Array]], *, batch_size: int) -> np.ndarray:
+    """Mean over the calibration tokens x [N, T, D] of the squared error at the block's attention
+    output when the linears `names` (some of q/k/v_proj) hold candidate weights instead of their
+    own: [A] for candidates [A][len(names)] of [out, in]. What AWQ scores q/k/v's scale on (their
+    outputs meet in the softmax). Runs on one device, reading x once (all candidates per batch)."""
+    wanted = [name + ".weight" for name in names]
+    graphdef, own, rest = nnx.split(layer, lambda path, _: dotted(path) in wanted, ...)
+    stacked = dict(zip(wanted, (jnp.stack(ws) for ws in zip(*candidates))))
+    cands = jax.tree.map(lambda v: v, own)   # a copy whose values become the stacked candidates
+    for path, var in nnx.to_flat_state(cands):
+        var.set_value(stacked[dotted(path)])
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    acc = jnp.zeros(len(next(iter(stacked.values()))), jnp.float32)
+    for start in range(0, x.shape[0], batch_size):
+        xb = jnp.asarray(np.asarray(x[start:start + batch_size], np.float32))
+        acc = acc + _attention_errors(graphdef, own, rest, cands, xb, inv_freq)
+    errors = np.asarray(acc, np.float64) / (x.shape[0] * x.shape[1])
+    if not np.all(np.isfinite(errors)):
+        raise _nonfinite()
+    return errors
 
 
 def _nonfinite() -> CalibrationError:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,9 +41,9 @@ from qeft_jax.sharding import is_writer, sync
 from qeft_jax.packing import pack_codes
 from qeft_jax.model import embedding_scale
 from qeft_jax.qlinear import QEFTLinear
-from qeft_jax.quant.awq import fold_scales, scale_hessian, search_scale
-from qeft_jax.quant.calibrate import (CalibrationError, Rows, absmean_key, activation_buffer, build_layer,
-                                     run_block)
+from qeft_jax.quant.awq import fold_scales, hessian_loss, scale_hessian, search_scale
+from qeft_jax.quant.calibrate import (CalibrationError, Rows, absmean_key, activation_buffer,
+                                     attention_output_errors, build_layer, run_block)
 from qeft_jax.quant.groupwise import rtn, search_group_params
 from qeft_jax.quant.optq import optq
 from qeft_jax.recipes import QuantRecipe
@@ -92,23 +93,30 @@ def quantize_linear(w: np.ndarray | jax.Array, h: np.ndarray | jax.Array | None,
             "weak_idx": np.asarray(weak_idx, np.int32)}
 
 
-def apply_awq(cfg: ModelConfig, t: dict[str, np.ndarray], hs: dict[str, np.ndarray], recipe: QuantRecipe
-              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
-    """AWQ on one block: fp tensors `t` (names relative to the layer) and the block's calibration
-    statistics `hs` (Hessians and `absmean_key` entries, from the fp block on this block's inputs).
+def apply_awq(cfg: ModelConfig, i: int, t: dict[str, np.ndarray], hs: dict[str, np.ndarray], recipe: QuantRecipe,
+              x: Rows, *, batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+    """AWQ on block i: fp tensors `t` (names relative to the layer), the block's calibration
+    statistics `hs` (Hessians and `absmean_key` entries, from the fp block on its inputs `x`).
 
     For every activation that has a producer to fold into (`spec.producers(cfg)`, in block order:
     q/k/v's input -> input norm, o_proj's input -> v_proj's rows (skipped under GQA, where query
     heads share a v row, as AutoAWQ does), gate/up's input -> the MLP's input norm, down_proj's input
     -> up_proj's rows), the scale is searched on the current weights of the linears reading it
     (`spec.readers`) and folded at once, so later searches see earlier folds (AutoAWQ's order).
-    The Hessians of folded inputs become diag(s)^-1 H diag(s)^-1 (what OPTQ would need).
+    q/k/v's candidates are scored at the attention output on `x` (`attention_output_errors`), the
+    others by their own output errors (`hessian_loss`). The Hessians of folded inputs become
+    diag(s)^-1 H diag(s)^-1 (what OPTQ would need).
 
     Returns (folded tensors, updated statistics, chosen α per activation)."""
     t, hs, alphas = dict(t), dict(hs), {}
     for reads in spec.producers(cfg):
-        ws = [t[name + ".weight"] for name in spec.readers(reads)]
-        found = search_scale(ws, hs[reads], hs[absmean_key(reads)], n_grid=recipe.awq_grid, bits=recipe.bits,
+        names = spec.readers(reads)
+        ws = [t[name + ".weight"] for name in names]
+        if reads == spec.ATTN_IN:
+            loss = partial(attention_output_errors, build_layer(cfg, i, t), x, cfg, names, batch_size=batch_size)
+        else:
+            loss = hessian_loss(ws, hs[reads])
+        found = search_scale(ws, hs[absmean_key(reads)], loss, n_grid=recipe.awq_grid, bits=recipe.bits,
                              group_size=recipe.group_size or ws[0].shape[1], grid=recipe.grid,
                              max_shrink=recipe.max_shrink, storage_dtype=jnp.dtype(recipe.storage_dtype))
         t = fold_scales(cfg, t, {reads: found.scale})
@@ -335,7 +343,7 @@ def _quantize_block(reader: SafetensorsReader, cfg: ModelConfig, recipe: QuantRe
                        absmean=recipe.awq_grid > 0)
     record: dict[str, Any] = {}
     if recipe.awq_grid:
-        t, hs, record["awq_alpha"] = apply_awq(cfg, t, hs, recipe)
+        t, hs, record["awq_alpha"] = apply_awq(cfg, i, t, hs, recipe, x, batch_size=batch_size)
     ffn_perm = np.arange(cfg.intermediate_size, dtype=np.int32)
     if recipe.weak == "global" and recipe.k:
         ffn_in = spec.ffn_reader_input()
