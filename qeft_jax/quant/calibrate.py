@@ -154,7 +154,9 @@ def attention_output_errors(layer: DecoderLayer, x: Rows, cfg: ModelConfig, name
     """Mean over the calibration tokens x [N, T, D] of the squared error at the block's attention
     output when the linears `names` (some of q/k/v_proj) hold candidate weights instead of their
     own: [A] for candidates [A][len(names)] of [out, in]. What AWQ scores q/k/v's scale on (their
-    outputs meet in the softmax). Runs on one device, reading x once (all candidates per batch)."""
+    outputs meet in the softmax). Runs on one device (under a mesh too: every process holds x),
+    reading x once; all candidates are resident at once, A x the q/k/v weights in float32 (AWQ's 21:
+    ~46 MB on the default model, ~2 GB for an 8B Llama)."""
     wanted = [name + ".weight" for name in names]
     graphdef, own, rest = nnx.split(layer, lambda path, _: dotted(path) in wanted, ...)
     stacked = dict(zip(wanted, (jnp.stack(ws) for ws in zip(*candidates))))
