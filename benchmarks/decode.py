@@ -12,9 +12,9 @@
 On a GPU (jax.default_backend() == "gpu") both models run in bfloat16 and the QEFT linears use the
 Pallas kernel, and a 1B-class Llama-shaped model with random weights (hidden 2048, 16 layers,
 intermediate 5632, vocab 32000, 32 heads / 4 kv heads; `--models large` alone needs no download) is
-added: its fp checkpoint is written from random tensors and quantized to the QEFT layout (k=16 weak columns, g128) with RTN rounding
-(optq=False) for speed. On CPU the models run in float32 and QEFT uses the XLA reference path
-(dequantize + dot), so no speed-up is expected there.
+added: its fp checkpoint is written from random tensors and quantized to the QEFT layout (k=16 weak
+columns, g128) with RTN rounding (optq=False) for speed. On CPU the models run in float32 and QEFT
+uses the XLA reference path (dequantize + dot), so no speed-up is expected there.
 
 The last line printed is JSON: fp_tok_s, qeft_tok_s, ratio (= qeft / fp) for the default model
 (plus large_* keys on a GPU).

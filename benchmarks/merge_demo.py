@@ -173,7 +173,8 @@ def check_merge(tuned: Path, base: Path, full: Path, merged: Path) -> dict:
     # the same delta merged into the quantized base itself must give back the tuned checkpoint
     with tempfile.TemporaryDirectory(dir=merged.parent) as tmp:
         merge(tuned, base, base, Path(tmp) / "m", overwrite=True)
-        ra, rb = SafetensorsReader([tuned / "model.safetensors"]), SafetensorsReader([Path(tmp) / "m" / "model.safetensors"])
+        ra = SafetensorsReader([tuned / "model.safetensors"])
+        rb = SafetensorsReader([Path(tmp) / "m" / "model.safetensors"])
         same = set(ra.keys()) == set(rb.keys()) and all(
             np.array_equal(np.asarray(ra.get(k)), np.asarray(rb.get(k))) for k in ra.keys())
     res = {"merged_minus_full_vs_dense_delta_max_ulps": worst, "changed_outside_weak_columns": outside,

@@ -439,7 +439,8 @@ def fsdp_child(a: argparse.Namespace) -> None:
             per_device = tot[2] + per_block * (layers - 2)
             tried.append({"devices": n, "compiled": True, "per_device_gb": round(per_device / GB, 2),
                           "state_per_device_gb": round(state / GB, 2),
-                          "per_block_gb": round(per_block / GB, 3), "fixed_gb": round((tot[2] - 2 * per_block) / GB, 3)})
+                          "per_block_gb": round(per_block / GB, 3),
+                          "fixed_gb": round((tot[2] - 2 * per_block) / GB, 3)})
             print(f"70B {method} on {n}: {per_device / GB:.1f} GB per device", file=sys.stderr, flush=True)
             if per_device <= DEVICE_BYTES:
                 break
@@ -525,7 +526,8 @@ def main() -> None:
         methods, counts = (("qeft",), (1, 2, 4, 8)) if a.quick else (METHODS, (1, 2, 4, 8, 16, 32))
         res["fsdp_70b"] = fsdp_section(methods, counts, a.k, a.lora_rank)
     if not a.no_quant:
-        calib = [tuple(int(v) for v in c.split("x")) for c in (a.calib or ("1x256" if a.quick else "2x512,4x512")).split(",")]
+        calib_spec = a.calib or ("1x256" if a.quick else "2x512,4x512")
+        calib = [tuple(int(v) for v in c.split("x")) for c in calib_spec.split(",")]
         with tempfile.TemporaryDirectory() as tmp:
             res["quant"] = quant_section(QUARTER_8B if a.quick else LLAMA3_8B, calib, a.k, a.group_size,
                                          a.activations, Path(tmp))

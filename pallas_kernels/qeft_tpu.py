@@ -40,9 +40,10 @@ activations (M <= 8 rows at decode: to the sublane tile, 16 rows of bf16 or 8 of
 columns of them for the weak part) are padded inside the wrapper: that is small and per call.
 Why padding and not masking: a masked partial block would read undefined VMEM (garbage scales
 can be NaN/Inf, and NaN · 0 is NaN), so every tile would need selects; padding the weights once
-costs nothing per call except for the padded bytes themselves. The price is traffic on shapes far from the block grid: the default model's
-n = 576 is padded to one K block of 1024 (4-bit), 1280 (3-bit) or 2048 (2-bit) columns, and 3-bit
-n = 4096 to 5120 (two 2560-column blocks); 4-bit 4096/11008/14336 pad by 0-2.3%.
+costs nothing per call except for the padded bytes themselves. The price is traffic on shapes far
+from the block grid: the default model's n = 576 is padded to one K block of 1024 (4-bit), 1280
+(3-bit) or 2048 (2-bit) columns, and 3-bit n = 4096 to 5120 (two 2560-column blocks); 4-bit
+4096/11008/14336 pad by 0-2.3%.
 
 Where the layout is made: once at load time by ``prepare`` (``qeft_jax.qlinear.prepare_tpu``
 does it for every linear of a model, packed part only: the weak columns stay trainable and are

@@ -810,7 +810,8 @@ def awq_models(converted, tmp_path_factory):
     out = {}
     for name in AWQ_E2E:
         src = converted[name]
-        calib = np.random.default_rng(0).integers(0, json.loads((src / "config.json").read_text())["vocab_size"], (8, 32))
+        vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+        calib = np.random.default_rng(0).integers(0, vocab, (8, 32))
         for m in ("awq", "rtn") if name == "gqa_untied" else ("awq",):
             recipe = make_recipe(m, bits=4, group_size=16)
             summary = quantize_checkpoint(src, root / f"{name}_{m}", recipe, calib, progress=False)

@@ -119,7 +119,8 @@ def test_kill_mid_save_and_resume_bit_identical(setup, tmp_path):
     q, data, ref, env = setup
     out = tmp_path / "run"
     cmd = _cmd(q, data, out)
-    _kill_at(_flags(q, data, out), env, "save:3")  # inside the orbax save of step 3: written to its temporary dir, not committed
+    # inside the orbax save of step 3: written to its temporary dir, not committed
+    _kill_at(_flags(q, data, out), env, "save:3")
     ckpts = out / "checkpoints"
     assert not (out / "train_done.json").exists() and not (out / "model.safetensors").exists()
     assert _steps_saved(out)[-1] == 2, "the interrupted save must not count as a checkpoint"
