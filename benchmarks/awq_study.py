@@ -9,11 +9,12 @@ Leaving an activation out is done in this process only, by narrowing `spec.produ
 activations AWQ searches and folds) before quantizing; the library is unchanged. Final line JSON:
 {variant: ppl}, with the α AWQ chose per layer in --out.
 
-docs/results/awq_study_3bit.json and awq_study_4bit.json were measured at commit 34501ce, when
-q/k/v's scale was still scored on each linear's own output error; the study located that defect
-(3 bits: AWQ 219.6, RTN 156.3, AWQ without q/k/v's scale 137.7). Since q/k/v's scale is scored at
-the attention output, the rows that scale q/k/v ("awq", "awq_no_ffn_in", "awq_no_down_in") give
-other numbers: "awq" is 151.6 at 3 bits and 28.2 at 4 bits.
+docs/results/awq_study_3bit.json is from the current AWQ (q/k/v's scale scored at the attention
+output): RTN 156.2, AWQ 151.6, without q/k/v's scale 137.7, without gate/up's 152.8, without
+down_proj's 194.2. Its previous version (`git show 34501ce:docs/results/awq_study_3bit.json`), with
+q/k/v scored on each linear's own output error, located that defect (AWQ 219.6, worse than RTN).
+docs/results/awq_study_4bit.json is still from 34501ce; the rows that scale q/k/v ("awq",
+"awq_no_ffn_in", "awq_no_down_in") differ now ("awq": 27.9 then, 28.2 now).
 """
 from __future__ import annotations
 
