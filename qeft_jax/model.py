@@ -205,15 +205,20 @@ class Attention(nnx.Module):
         if self.window is not None:
             allowed &= k_slot > q_slot[:, None] - self.window
         allowed = allowed[None] & visible
-        qg = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_kv_groups, cfg.head_dim)
-        k, v = k.astype(q.dtype), v.astype(self.dtype)
+        kh, g, d = cfg.num_key_value_heads, cfg.num_kv_groups, cfg.head_dim
+        qg = q.reshape(b, t, kh, g, d)
+        # head-major keys/values [B, kv_heads, S, D], queries [B, kv_heads, groups * chunk, D]: both
+        # products are plain batched matmuls (position-major einsums ran 1.4x slower on XLA:CPU)
+        k, v = k.astype(q.dtype).transpose(0, 2, 1, 3), v.astype(self.dtype).transpose(0, 2, 1, 3)
 
         def chunk_out(q_c: jax.Array, allowed_c: jax.Array) -> jax.Array:
-            scores = jnp.einsum("btkgd,bskd->bkgts", q_c, k).astype(jnp.float32)
+            c = q_c.shape[1]
+            q_h = q_c.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * c, d)
+            scores = jnp.einsum("bkqd,bksd->bkqs", q_h, k).astype(jnp.float32).reshape(b, kh, g, c, -1)
             scores = softcap(scores * cfg.attention_scale, cfg.attn_logit_softcap)
             scores = jnp.where(allowed_c[:, None, None], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-            return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+            probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, kh, g * c, -1)
+            return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kh, g, c, d).transpose(0, 3, 1, 2, 4)
 
         out = map_chunks(chunk_out, qg, allowed, chunk=chunk)
         return out.reshape(b, t, -1), cache

@@ -56,3 +56,40 @@ def test_kill_and_resume_quantize_gives_same_checkpoint(tiny_with_tokenizer, tmp
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_the_last_block_writes_the_same_checkpoint(converted, tmp_path):
+    """The last block's outputs feed nothing, so none are kept: a run stopped after the last block
+    (before the checkpoint was written) resumes without activations and writes the same files."""
+    from qeft_jax.checkpoint import read_info
+    from qeft_jax.quant.pipeline import quantize_checkpoint
+    from qeft_jax.recipes import make_recipe
+
+    src = converted["gqa_untied"]
+    last = read_info(src).config.num_hidden_layers - 1
+    recipe = make_recipe("gptq", bits=4, group_size=32)
+    ids = np.random.default_rng(0).integers(0, 101, (3, 16))
+    quantize_checkpoint(src, tmp_path / "straight", recipe, ids, progress=False)
+
+    def stop_after_last(i, seconds):
+        if i == last:
+            raise _Stop
+
+    out = tmp_path / "resumed"
+    try:
+        quantize_checkpoint(src, out, recipe, ids, progress=False, on_block=stop_after_last)
+        raise AssertionError("the hook should have stopped the run")
+    except _Stop:
+        pass
+    partial = tmp_path / ".resumed.partial"
+    assert f'"done": {last}' in (partial / "state.json").read_text()
+    assert not list(partial.glob("x_*.npy")), "no activations are kept after the last block"
+    quantize_checkpoint(src, out, recipe, ids, progress=False)
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

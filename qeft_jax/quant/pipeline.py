@@ -301,16 +301,18 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
         perm = weak_first_permutation(global_idx, d) if recipe.weak == "global" else np.arange(d, dtype=np.int32)
 
         start = work.done + 1  # resume after the last finished block
-        if start and recipe.calibrated:
-            work.load_activations(x)
-        elif recipe.calibrated:  # plain RTN reads no activations
+        if recipe.calibrated and start == 0:  # plain RTN reads no activations
             embed_calibration(reader, cfg, calib_ids, perm, x)
+        elif recipe.calibrated and start < cfg.num_hidden_layers:  # (after the last block none were kept)
+            work.load_activations(x)
         bar = tqdm(range(start, cfg.num_hidden_layers), desc=f"quantizing ({recipe.method}, {recipe.bits}-bit)",
                    disable=not progress, initial=start, total=cfg.num_hidden_layers)
         for i in bar:
             tb = time.time()
-            block, record = _quantize_block(reader, cfg, recipe, i, perm, x, batch_size=batch_size, mesh=mesh)
-            work.finish_block(i, block, x if recipe.calibrated else None, record)  # in its file from here on
+            feeds = recipe.calibrated and i + 1 < cfg.num_hidden_layers  # the last block's outputs feed nothing
+            block, record = _quantize_block(reader, cfg, recipe, i, perm, x, batch_size=batch_size, mesh=mesh,
+                                            next_inputs=feeds)
+            work.finish_block(i, block, x if feeds else None, record)  # in its file from here on
             del block
             if on_block:
                 on_block(i, time.time() - tb)
@@ -330,10 +332,11 @@ def _quantize_checkpoint(src: Path, out: Path, recipe: QuantRecipe, calib_ids: n
 
 
 def _quantize_block(reader: SafetensorsReader, cfg: ModelConfig, recipe: QuantRecipe, i: int, perm: np.ndarray,
-                    x: Rows, *, batch_size: int, mesh: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Block i calibrated on `x` (its inputs, hidden dim reordered by `perm`), quantized, and run
-    again to overwrite `x` with its outputs (the next block's inputs). Returns its packed tensors
-    (full names, with its FFN permutation) and what the summary records of it."""
+                    x: Rows, *, batch_size: int, mesh: Any, next_inputs: bool
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Block i calibrated on `x` (its inputs, hidden dim reordered by `perm`), quantized, and (with
+    `next_inputs`) run again to overwrite `x` with its outputs (the next block's inputs). Returns its
+    packed tensors (full names, with its FFN permutation) and what the summary records of it."""
     dims = spec.layer_dims(cfg)
     sdt = STORAGE_DTYPES[recipe.storage_dtype]
     t = _read_layer(reader, cfg, i, {"hidden": perm})
@@ -366,7 +369,7 @@ def _quantize_block(reader: SafetensorsReader, cfg: ModelConfig, recipe: QuantRe
                                        storage_dtype=jnp.dtype(recipe.storage_dtype))
         layer_t.update({f"{lin.name}.{f}": v for f, v in packed.items()})
     del t, hs  # the fp block and its Hessians are not needed for the quantized block's pass
-    if recipe.calibrated:  # the next block's inputs: this block quantized (layer-sequential, as OPTQ)
+    if next_inputs:  # the next block's inputs: this block quantized (layer-sequential, as OPTQ)
         run_block(build_layer(cfg, i, layer_t, replace), x, cfg, batch_size=batch_size, out=x, mesh=mesh)
     block = {spec.layer_prefix(i) + k: v for k, v in layer_t.items()}
     block[spec.PERM_TENSORS["ffn"].format(i=i)] = ffn_perm
