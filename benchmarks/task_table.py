@@ -4,12 +4,16 @@
         --tasks arc_easy,arc_challenge,hellaswag,winogrande,piqa,boolq,mmlu --limit 300 --out results.json
 
 Every model scores the same questions (the first --limit of each task; for mmlu, of each subject)
-with `qeft_jax.eval.tasks.evaluate_tasks`. Results are written to --out after every (model, task),
-so a killed run resumes where it stopped; the file records the settings, the models and every
-question's outcome. Prints a markdown table of acc / acc_norm in points, each model's difference
-to the first with its paired standard error (the models answer the same questions, so the
-difference's error is sd(outcome_m - outcome_first) / sqrt(n), much smaller than either
-accuracy's own binomial error, which is shown for the first model).
+as `qeft_jax.eval.tasks.evaluate_tasks` scores them. Each (model, task) is scored in parts of
+--part-size questions and --out is rewritten after every part (a task's finished parts under
+"partial" until its last), so a killed run resumes where it stopped, losing at most one part; the
+file records the settings, the models and every question's outcome. (A question's scores do not
+depend on the part it was scored in, up to float rounding.)
+
+Prints a markdown table of acc / acc_norm in points, each model's difference to the first with its
+paired standard error (the models answer the same questions, so the difference's error is
+sd(outcome_m - outcome_first) / sqrt(n), much smaller than either accuracy's own binomial error,
+which is shown for the first model).
 """
 from __future__ import annotations
 
@@ -75,8 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="the first N questions of each task (subject)")
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--part-size", type=int, default=1000, help="questions scored between two writes of --out")
     p.add_argument("--out", required=True, help="JSON results file (resumed if it exists)")
     a = p.parse_args(argv)
+    if a.part_size < 1:
+        p.error(f"--part-size must be >= 1, not {a.part_size}")
     from qeft_jax import load_model
     from qeft_jax.eval import tasks as T
     from qeft_jax.io import write_json_atomic
@@ -90,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads(out.read_text()) if out.is_file() else {"settings": settings, "results": {}, "seconds": {}}
     if record["settings"] != settings:
         raise ValueError(f"{out} holds results for {record['settings']}, not {settings}; use another --out")
+    changed = [n for n in record.get("partial", {}) if n in models and record["models"][n] != models[n]]
+    if changed:
+        raise ValueError(f"{out} holds unfinished parts of {', '.join(changed)} scored with "
+                         f"{', '.join(record['models'][n] for n in changed)}; finish them with the same models")
     record["models"] = models
     loaded: dict[str, tuple] = {}
     for t in tasks:  # task by task, so a partial run still compares every model on the tasks it did
@@ -99,14 +110,27 @@ def main(argv: list[str] | None = None) -> None:
             if name not in loaded:
                 loaded[name] = load_model(path)[:2]
             model, tok = loaded[name]
-            t0 = time.time()
-            res = T.evaluate_tasks(model, tok, [t], limit=a.limit, num_fewshot=a.num_fewshot,
-                                   batch_size=a.batch_size, keep_outcomes=True)[t]
+            questions = T.task_questions(t, a.limit, a.num_fewshot)
+            part = record.setdefault("partial", {}).setdefault(name, {}).setdefault(
+                t, {"parts": [], "seconds": 0.0})
+            while (done := sum(r["n"] for r in part["parts"])) < len(questions):
+                t0 = time.time()
+                r = T.score_questions(model, tok, questions[done:done + a.part_size], batch_size=a.batch_size,
+                                      progress=True, desc=f"{name} {t} {done}+")
+                part["parts"].append({k: r[k] for k in ("n", "outcomes", "logprobs")})
+                part["seconds"] += time.time() - t0
+                write_json_atomic(out, record, indent=1)
+            res = T.merge_scores(part["parts"])
             record["results"].setdefault(name, {})[t] = res
-            record["seconds"].setdefault(name, {})[t] = round(time.time() - t0, 1)
+            record["seconds"].setdefault(name, {})[t] = round(part["seconds"], 1)
+            del record["partial"][name][t]
+            if not record["partial"][name]:
+                del record["partial"][name]
+            if not record["partial"]:
+                del record["partial"]
             write_json_atomic(out, record, indent=1)
             print(f"{name} {t}: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} n {res['n']} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+                  f"({part['seconds']:.0f} s)", flush=True)
     print(table(record, list(models), tasks))
     print(json.dumps({m: {t: {k: r[k] for k in ("acc", "acc_norm", "n")} for t, r in res.items()}
                       for m, res in record["results"].items()}))

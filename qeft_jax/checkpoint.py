@@ -39,7 +39,7 @@ from qeft_jax.config import ModelConfig
 from qeft_jax.io import (CheckpointError, LazyArray, SafetensorsReader, grouped_lazily, parse_json,
                          write_safetensors)
 from qeft_jax.model import CausalLM, abstract_model, named_variables, place_tensors, swap_linears
-from qeft_jax.packing import FORMAT_VERSION, QuantSpec, dequantize
+from qeft_jax.packing import FORMAT_VERSION, QuantSpec, dense_weight
 from qeft_jax.qlinear import QEFTLinear
 from qeft_jax.recipes import QuantRecipe
 
@@ -349,11 +349,8 @@ def layer_perms(tensors: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarr
 
 def dense_linear(tensors: Mapping[str, np.ndarray], prefix: str, qs: QuantSpec) -> np.ndarray:
     """Ŵ [out, in] of one packed linear: dequantized grid with the weak columns put back."""
-    w = np.array(dequantize(jnp.asarray(tensors[prefix + ".qweight"]), jnp.asarray(tensors[prefix + ".scales"]),
-                            jnp.asarray(tensors[prefix + ".zeros"]), bits=qs.bits,
-                            group_size=qs.group_size, n=qs.in_features))
-    w[:, tensors[prefix + ".weak_idx"]] += np.asarray(tensors[prefix + ".weak"], np.float32)
-    return w
+    packed = (jnp.asarray(tensors[prefix + f]) for f in (".qweight", ".scales", ".zeros", ".weak", ".weak_idx"))
+    return np.array(dense_weight(*packed, bits=qs.bits, group_size=qs.group_size, n=qs.in_features))
 
 
 def dense_lazily(info: CheckpointInfo, transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]

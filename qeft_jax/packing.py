@@ -112,11 +112,19 @@ def weak_inputs(x: jax.Array, weak_idx: jax.Array, weak_first: bool = False) -> 
 def qeft_matmul_ref(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array,
                     weak: jax.Array, weak_idx: jax.Array, *, bits: int, group_size: int,
                     weak_first: bool = False) -> jax.Array:
-    """Plain reference: y[..., out] = x · dequantize(W)ᵀ + x[..., weak_idx] · weakᵀ (f32 accumulate)."""
-    n = x.shape[-1]
-    w = dequantize(qweight, scales, zeros, bits=bits, group_size=group_size, n=n, dtype=x.dtype)
-    y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
-    if weak.shape[-1]:
-        xw = weak_inputs(x, weak_idx, weak_first)
-        y = y + jnp.einsum("...i,oi->...o", xw, weak.astype(x.dtype), preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    """Plain reference: y[..., out] = x · Ŵᵀ (f32 accumulate) with Ŵ = dequantize(W) + the weak
+    columns at weak_idx (where the codes dequantize to exactly 0), i.e. x · dequantize(W)ᵀ +
+    x[..., weak_idx] · weakᵀ as one product: a second product over the k weak inputs wrote and
+    re-read a whole [..., out] output (20% of a QEFT model's CPU forward)."""
+    w = dense_weight(qweight, scales, zeros, weak, weak_idx, bits=bits, group_size=group_size, n=x.shape[-1],
+                     dtype=x.dtype, weak_first=weak_first)
+    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def dense_weight(qweight: jax.Array, scales: jax.Array, zeros: jax.Array, weak: jax.Array,
+                 weak_idx: jax.Array, *, bits: int, group_size: int, n: int, dtype: Any = jnp.float32,
+                 weak_first: bool = False) -> jax.Array:
+    """Ŵ [out, n]: the dense grid (zero at the weak positions) plus the weak columns, in dtype."""
+    w = dequantize(qweight, scales, zeros, bits=bits, group_size=group_size, n=n, dtype=dtype)
+    cols = slice(0, weak.shape[-1]) if weak_first else weak_idx
+    return w.at[:, cols].add(weak.astype(dtype)) if weak.shape[-1] else w

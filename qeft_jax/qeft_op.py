@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import qeft_gemv, qeft_tpu
-from qeft_jax.packing import dequantize, qeft_matmul_ref, weak_inputs
+from qeft_jax.packing import dense_weight, qeft_matmul_ref, weak_inputs
 
 BACKEND_ENV = "QEFT_JAX_BACKEND"
 # xla: dequantize + XLA dot (the reference); triton: pallas_kernels.qeft_gemv (GPU); mosaic:
@@ -83,9 +83,8 @@ def _bwd(bits, group_size, backend, weak_first, res, dy):
     x_weak, x_aval, qweight, scales, zeros, weak, weak_idx = res
     n = x_aval.shape[-1]
     # dX = dY · Ŵ, Ŵ the full effective weight (dense grid, zero at weak positions, + weak columns).
-    w = dequantize(qweight, scales, zeros, bits=bits, group_size=group_size, n=n, dtype=jnp.float32)
-    cols = slice(0, weak.shape[-1]) if weak_first else weak_idx
-    w = w.at[:, cols].add(weak.astype(jnp.float32))
+    w = dense_weight(qweight, scales, zeros, weak, weak_idx, bits=bits, group_size=group_size, n=n,
+                         weak_first=weak_first)
     dx = jnp.einsum("...o,oi->...i", dy.astype(jnp.float32), w).astype(x_aval.dtype)
     d_weak = jnp.einsum("...o,...k->ok", dy.astype(jnp.float32), x_weak.astype(jnp.float32))
     return (dx, None, jnp.zeros_like(scales), jnp.zeros_like(zeros), d_weak.astype(weak.dtype), None,

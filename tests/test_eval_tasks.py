@@ -9,6 +9,7 @@ import functools
 import json
 import shutil
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -537,3 +538,43 @@ def test_window_nll_and_perplexity_match_a_numpy_log_softmax(tiny):
     assert tokens == 5 * 12 and ppl == pytest.approx(np.exp(ref.sum() / tokens), rel=1e-5)
     with pytest.raises(ValueError, match="token windows"):
         window_nll(model, ids[0], progress=False)
+
+
+def test_task_table_scores_in_parts_and_resumes_a_killed_run(tiny_char, tmp_path, monkeypatch, capsys):
+    """benchmarks/task_table.py saves every part of a task; a run killed after one part resumes
+    from it, and the merged result is the one a single evaluate_tasks call gives."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("task_table", Path(__file__).parents[1] / "benchmarks/task_table.py")
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    model_dir, model, tok = tiny_char
+    want = T.evaluate_tasks(model, tok, ["arc_easy"], limit=5, progress=False, keep_outcomes=True)["arc_easy"]
+    out = tmp_path / "table.json"
+    argv = ["--models", f"m={model_dir}", "--tasks", "arc_easy", "--limit", "5", "--part-size", "2", "--out", str(out)]
+
+    score = T.score_questions
+    calls = []
+
+    def killed_after_one_part(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(args[2]))
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(T, "score_questions", killed_after_one_part)
+    with pytest.raises(KeyboardInterrupt):
+        tt.main(argv)
+    saved = json.loads(out.read_text())
+    assert [p["n"] for p in saved["partial"]["m"]["arc_easy"]["parts"]] == [2] and not saved["results"]
+
+    monkeypatch.setattr(T, "score_questions", score)
+    tt.main(argv)
+    got = json.loads(out.read_text())
+    assert "partial" not in got
+    res = got["results"]["m"]["arc_easy"]
+    assert res["n"] == 5 and res["outcomes"] == want["outcomes"]
+    np.testing.assert_allclose(np.array(res["logprobs"]), np.array(want["logprobs"]), rtol=1e-5, atol=1e-5)
+    assert (res["acc"], res["acc_norm"]) == pytest.approx((want["acc"], want["acc_norm"]))
+    with pytest.raises(SystemExit):
+        tt.main(argv[:-4] + ["--part-size", "0", "--out", str(out)])

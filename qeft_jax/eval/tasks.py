@@ -474,13 +474,29 @@ def score_questions(model: nnx.Module, tokenizer: Any, questions: Sequence[Quest
         per_choice.append([round(x, 5) for x in lps])
         k += len(q.contexts)
         a, an = choice_metrics(lps, q.continuations, q.gold)
-        accs.append(a)
-        norms.append(an)
-    n = len(questions)
-    return {"acc": float(np.mean(accs)) if n else math.nan,
-            "acc_norm": float(np.mean(norms)) if n else math.nan, "n": n,
-            "outcomes": {"acc": [int(x) for x in accs], "acc_norm": [int(x) for x in norms]},
-            "logprobs": per_choice}
+        accs.append(int(a))
+        norms.append(int(an))
+    return merge_scores([{"outcomes": {"acc": accs, "acc_norm": norms}, "logprobs": per_choice}])
+
+
+def merge_scores(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`score_questions`' result for the questions of several parts scored apart, in order (an
+    aggregate's subtasks; a long task scored and saved part by part): outcomes and logprobs
+    concatenated, the means over all questions pooled."""
+    outcomes = {m: [x for r in parts for x in r["outcomes"][m]] for m in ("acc", "acc_norm")}
+    logprobs = [x for r in parts for x in r["logprobs"]]
+    n = len(logprobs)
+    return {"acc": float(np.mean(outcomes["acc"])) if n else math.nan,
+            "acc_norm": float(np.mean(outcomes["acc_norm"])) if n else math.nan, "n": n,
+            "outcomes": outcomes, "logprobs": logprobs}
+
+
+def task_questions(task: str, limit: int | None = None, num_fewshot: int = 0, seed: int = DEFAULT_SEED
+                   ) -> list[Question]:
+    """A task's evaluation questions in order (an aggregate's subtasks one after another, the first
+    `limit` of each), each with its `num_fewshot` solved examples (see the module docstring)."""
+    return [q for sub in resolve_task(task)
+            for q in add_fewshot(sub, load_questions(sub, "eval", limit), num_fewshot, seed)]
 
 
 def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limit: int | None = None,
@@ -503,22 +519,12 @@ def evaluate_tasks(model: nnx.Module, tokenizer: Any, tasks: Sequence[str], limi
     if not tasks:
         raise ValueError("no tasks given")
     plan = {t: resolve_task(t) for t in tasks}  # every name checked before any work
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for task, subs in plan.items():
-        outcomes: dict[str, list[int]] = {"acc": [], "acc_norm": []}
-        logprobs: list[list[float]] = []
-        for sub in subs:
-            qs = add_fewshot(sub, load_questions(sub, "eval", limit), num_fewshot, seed)
-            r = score_questions(model, tokenizer, qs, batch_size=batch_size, max_length=max_length,
-                                progress=progress, desc=sub)
-            for m in outcomes:
-                outcomes[m] += r["outcomes"][m]
-            logprobs += r["logprobs"]
-        n = len(outcomes["acc"])
-        results[task] = {"acc": sum(outcomes["acc"]) / n if n else math.nan,
-                         "acc_norm": sum(outcomes["acc_norm"]) / n if n else math.nan, "n": n}
-        if keep_outcomes:
-            results[task].update(outcomes=outcomes, logprobs=logprobs)
+        r = merge_scores([score_questions(model, tokenizer, task_questions(sub, limit, num_fewshot, seed),
+                                          batch_size=batch_size, max_length=max_length, progress=progress, desc=sub)
+                          for sub in subs])
+        results[task] = r if keep_outcomes else {k: r[k] for k in ("acc", "acc_norm", "n")}
     return results
 
 

@@ -10,8 +10,7 @@ with large activations). AWQ searches, for the linears W that read one activatio
 
 with s_x the average magnitude of x per channel (mean over calibration tokens of |x|) and α on a
 grid. As in the authors' code (llm-awq, AutoAWQ), s is clamped at 1e-4 and normalised by
-sqrt(max(s) · min(s)), and α = 0 (s = 1, plain RTN with the same grid) is one of the candidates,
-so the search never does worse than RTN on the objective.
+sqrt(max(s) · min(s)), and α = 0 (s = 1) is one of the candidates.
 
 For most activations the objective needs no activations: with ΔW = Q(W · diag(s)) · diag(s)^-1 - W
 (the effective weight error in the original input space) and H = 2 XᵀX / tokens, the Hessian the
@@ -27,10 +26,14 @@ of every candidate's effective weights, and the pipeline hands it a pass over th
 q/k/v (`qeft_jax.quant.calibrate.attention_output_errors`). Scored per linear at 3 bits, q/k/v's
 scale made the default model worse than RTN (`benchmarks/awq_study.py`).
 
-Q is the project's group-wise quantizer with its clipping grid search (`qeft_jax.quant.groupwise`)
-and round-to-nearest (no OPTQ, as in AWQ), so α = 0 is exactly what RTN stores. Unlike AutoAWQ,
-gate/up's error is each linear's own output error (not the MLP's output), and the clipping is the
-quantizer's weight-error grid search (not a separate output-error search).
+Q in the search is min-max group-wise round-to-nearest, without clipping, as in AutoAWQ's scale
+search; the stored quantization then searches each group's clipping range at the chosen α (the
+quantizer's weight-error grid search, `qeft_jax.quant.groupwise`, where AutoAWQ searches the clip
+on the output error), with round-to-nearest (no OPTQ, as in AWQ). So α = 0 in the search is
+min-max RTN, not exactly what RTN stores, and the search does not bound AWQ's error by RTN's. (With
+the grid search inside the search, 21 grid searches per reader and block, AWQ's quantization took
+twice as long.) Unlike AutoAWQ, gate/up's error is each linear's own output error (not the MLP's
+output).
 
 The scale is then folded exactly (`fold_scales`): W · diag(s) into the readers' input columns and
 diag(s)^-1 into the parameter that produces x (`qeft_jax.spec.PRODUCERS`: an RMSNorm weight, or the
@@ -67,15 +70,16 @@ def candidate_scale(absmean: jax.Array, alpha: float) -> jax.Array:
     return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
 
 
-@partial(jax.jit, static_argnames=("bits", "group_size", "grid", "max_shrink", "storage_dtype"))
-def effective_weight(w: jax.Array, s: jax.Array, *, bits: int, group_size: int, grid: int = 100,
-                     max_shrink: float = 0.8, storage_dtype=jnp.float16) -> jax.Array:
+@partial(jax.jit, static_argnames=("bits", "group_size", "storage_dtype"))
+def effective_weight(w: jax.Array, s: jax.Array, *, bits: int, group_size: int, storage_dtype=jnp.float16
+                     ) -> jax.Array:
     """Q(W · diag(s)) · diag(s)^-1 [out, n]: the weight the scaled, quantized linear applies to the
-    unscaled input. Q: grid-searched group params + RTN."""
+    unscaled input, Q the search's quantizer: min-max group params (scales rounded to their storage
+    dtype) + RTN."""
     w = w.astype(jnp.float32)
     ws = w * s[None, :]
-    scales, zeros = search_group_params(ws, bits=bits, group_size=group_size, grid=grid,
-                                        max_shrink=max_shrink, storage_dtype=storage_dtype)
+    scales, zeros = search_group_params(ws, bits=bits, group_size=group_size, max_shrink=0.0,
+                                        storage_dtype=storage_dtype)
     sc, zc = column_params(scales, zeros, w.shape[1], group_size)
     return fake_quantize(ws, sc, zc, 2 ** bits - 1) / s[None, :]
 
@@ -114,14 +118,13 @@ class ScaleSearch:
 
 
 def search_scale(weights: Sequence[np.ndarray | jax.Array], absmean: np.ndarray | jax.Array, loss: Loss, *,
-                 n_grid: int, bits: int, group_size: int, grid: int = 100, max_shrink: float = 0.8,
-                 storage_dtype=jnp.float16) -> ScaleSearch:
+                 n_grid: int, bits: int, group_size: int, storage_dtype=jnp.float16) -> ScaleSearch:
     """Eq. (5) for the linears `weights` ([out_i, n] each) that read one activation with per-channel
     mean |x| `absmean` [n]: the α on `alpha_grid(n_grid)` whose scale minimises `loss` (e.g.
-    `hessian_loss`). Ties go to the smaller α (α = 0 first: never worse than RTN on the loss)."""
+    `hessian_loss`), every candidate quantized min-max (no clipping search). Ties go to the smaller
+    α (α = 0 first)."""
     ws = [jnp.asarray(w, jnp.float32) for w in weights]
-    kw = dict(bits=bits, group_size=group_size, grid=grid, max_shrink=max_shrink,
-              storage_dtype=jnp.dtype(storage_dtype))
+    kw = dict(bits=bits, group_size=group_size, storage_dtype=jnp.dtype(storage_dtype))
     alphas = alpha_grid(n_grid)
     candidates = ([effective_weight(w, s, **kw) for w in ws]
                   for s in (candidate_scale(absmean, a) for a in alphas))
