@@ -699,9 +699,9 @@ def np_awq_output_error(w, x, s, bits, g):
 
 
 def test_awq_objective_and_search_match_numpy():
-    """The Hessian form tr(ΔW H ΔWᵀ) of the objective equals Eq. 4 on the activations with min-max
-    RTN (the search's quantizer, as AutoAWQ's), and the search picks the numpy argmin over α; on a
-    linear with a few large-activation channels it beats α = 0 (plain min-max RTN) clearly."""
+    """The Hessian form tr(ΔW H ΔWᵀ) of the objective equals Eq. 4 on the activations, and the
+    search picks the numpy argmin over α (both with min-max RTN, the numpy quantizer); on a linear
+    with a few large-activation channels it beats α = 0 clearly, also with the search's clipping grid."""
     from qeft_jax.quant.awq import (alpha_grid, candidate_scale, effective_weight, hessian_error, hessian_loss,
                                     search_scale)
 
@@ -711,7 +711,7 @@ def test_awq_objective_and_search_match_numpy():
     x[:, [3, 17, 50]] *= 30.0
     w = (rng.standard_normal((out, n)) * 0.05).astype(np.float32)
     h, absmean = hessian(x), np.abs(x).mean(0)
-    plain = dict(bits=bits, group_size=g)
+    plain = dict(bits=bits, group_size=g, max_shrink=0.0)   # min-max only: the numpy quantizer
     ref = []
     for a in alpha_grid(20):
         s = np_awq_scale(absmean, a)
@@ -724,6 +724,8 @@ def test_awq_objective_and_search_match_numpy():
     np.testing.assert_allclose(found.errors, ref, rtol=1e-4)
     np.testing.assert_allclose(found.scale, np_awq_scale(absmean, found.alpha), rtol=1e-5)
     assert found.errors.min() < 0.6 * found.errors[0]
+    clipped = search_scale([w], absmean, hessian_loss([w], h), n_grid=20, bits=bits, group_size=g)
+    assert clipped.alpha > 0 and clipped.errors.min() < 0.6 * clipped.errors[0]
 
 
 def test_awq_search_picks_alpha_zero_when_optimal():
