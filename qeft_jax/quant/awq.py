@@ -10,7 +10,8 @@ with large activations). AWQ searches, for the linears W that read one activatio
 
 with s_x the average magnitude of x per channel (mean over calibration tokens of |x|) and α on a
 grid. As in the authors' code (llm-awq, AutoAWQ), s is clamped at 1e-4 and normalised by
-sqrt(max(s) · min(s)), and α = 0 (s = 1) is one of the candidates.
+sqrt(max(s) · min(s)), and α = 0 (s = 1, plain RTN with the same grid) is one of the candidates,
+so the search never does worse than RTN on the objective.
 
 For most activations the objective needs no activations: with ΔW = Q(W · diag(s)) · diag(s)^-1 - W
 (the effective weight error in the original input space) and H = 2 XᵀX / tokens, the Hessian the
@@ -26,16 +27,10 @@ of every candidate's effective weights, and the pipeline hands it a pass over th
 q/k/v (`qeft_jax.quant.calibrate.attention_output_errors`). Scored per linear at 3 bits, q/k/v's
 scale made the default model worse than RTN (`benchmarks/awq_study.py`).
 
-Q is the project's group-wise quantizer (`qeft_jax.quant.groupwise`: a clipping grid search per
-group, then round-to-nearest; no OPTQ, as in AWQ), with the clipping searched on a 5x coarser grid
-in the search (SEARCH_CLIP_GRID: shrink steps of 0.05) than in the stored quantization (the
-recipe's grid, steps of 0.01), which searches it once more at the chosen α. The fine grid for all
-21 candidates (2,520 grid searches, 72 s of a 320-s AWQ row of the default model) was too slow;
-min-max candidates without any clipping, as AutoAWQ's scale search has them, made the 3-bit AWQ of
-the default model much worse (perplexity 249 against 149; `benchmarks/quality.py`). So α = 0 in
-the search is close to, not exactly, what RTN stores. Unlike AutoAWQ, gate/up's error is each
-linear's own output error (not the MLP's output), and the clipping is the quantizer's weight-error
-grid search (not a separate output-error search).
+Q is the project's group-wise quantizer with its clipping grid search (`qeft_jax.quant.groupwise`)
+and round-to-nearest (no OPTQ, as in AWQ), so α = 0 is exactly what RTN stores. Unlike AutoAWQ,
+gate/up's error is each linear's own output error (not the MLP's output), and the clipping is the
+quantizer's weight-error grid search (not a separate output-error search).
 
 The scale is then folded exactly (`fold_scales`): W · diag(s) into the readers' input columns and
 diag(s)^-1 into the parameter that produces x (`qeft_jax.spec.PRODUCERS`: an RMSNorm weight, or the
@@ -56,7 +51,6 @@ from qeft_jax.config import ModelConfig
 from qeft_jax.quant.groupwise import column_params, fake_quantize, search_group_params
 
 SCALE_FLOOR = 1e-4   # s_x^α is clamped here before normalising (as llm-awq / AutoAWQ)
-SEARCH_CLIP_GRID = 20  # the candidates' clipping search: shrink steps of 1 / 20 (the recipe's max_shrink)
 
 
 def alpha_grid(n_grid: int) -> np.ndarray:
@@ -74,7 +68,7 @@ def candidate_scale(absmean: jax.Array, alpha: float) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("bits", "group_size", "grid", "max_shrink", "storage_dtype"))
-def effective_weight(w: jax.Array, s: jax.Array, *, bits: int, group_size: int, grid: int = SEARCH_CLIP_GRID,
+def effective_weight(w: jax.Array, s: jax.Array, *, bits: int, group_size: int, grid: int = 100,
                      max_shrink: float = 0.8, storage_dtype=jnp.float16) -> jax.Array:
     """Q(W · diag(s)) · diag(s)^-1 [out, n]: the weight the scaled, quantized linear applies to the
     unscaled input. Q: grid-searched group params + RTN."""
@@ -120,12 +114,11 @@ class ScaleSearch:
 
 
 def search_scale(weights: Sequence[np.ndarray | jax.Array], absmean: np.ndarray | jax.Array, loss: Loss, *,
-                 n_grid: int, bits: int, group_size: int, grid: int = SEARCH_CLIP_GRID, max_shrink: float = 0.8,
+                 n_grid: int, bits: int, group_size: int, grid: int = 100, max_shrink: float = 0.8,
                  storage_dtype=jnp.float16) -> ScaleSearch:
     """Eq. (5) for the linears `weights` ([out_i, n] each) that read one activation with per-channel
     mean |x| `absmean` [n]: the α on `alpha_grid(n_grid)` whose scale minimises `loss` (e.g.
-    `hessian_loss`), every candidate quantized with its clipping searched on `grid`. Ties go to the
-    smaller α (α = 0 first)."""
+    `hessian_loss`). Ties go to the smaller α (α = 0 first: never worse than RTN on the loss)."""
     ws = [jnp.asarray(w, jnp.float32) for w in weights]
     kw = dict(bits=bits, group_size=group_size, grid=grid, max_shrink=max_shrink,
               storage_dtype=jnp.dtype(storage_dtype))

@@ -117,8 +117,8 @@ def apply_awq(cfg: ModelConfig, i: int, t: dict[str, np.ndarray], hs: dict[str, 
         else:
             loss = hessian_loss(ws, hs[reads])
         found = search_scale(ws, hs[absmean_key(reads)], loss, n_grid=recipe.awq_grid, bits=recipe.bits,
-                             group_size=recipe.group_size or ws[0].shape[1], max_shrink=recipe.max_shrink,
-                             storage_dtype=jnp.dtype(recipe.storage_dtype))
+                             group_size=recipe.group_size or ws[0].shape[1], grid=recipe.grid,
+                             max_shrink=recipe.max_shrink, storage_dtype=jnp.dtype(recipe.storage_dtype))
         t = fold_scales(cfg, t, {reads: found.scale})
         hs[reads] = scale_hessian(hs[reads], found.scale)
         alphas[reads] = found.alpha
