@@ -115,7 +115,7 @@ def qeft_matmul_ref(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
     """Plain reference: y[..., out] = x · Ŵᵀ (f32 accumulate) with Ŵ = dequantize(W) + the weak
     columns at weak_idx (where the codes dequantize to exactly 0), i.e. x · dequantize(W)ᵀ +
     x[..., weak_idx] · weakᵀ as one product: a second product over the k weak inputs wrote and
-    re-read a whole [..., out] output (20% of a QEFT model's CPU forward)."""
+    re-read a whole [..., out] output (12-18% of a linear's CPU time at 2,044 tokens)."""
     w = dense_weight(qweight, scales, zeros, weak, weak_idx, bits=bits, group_size=group_size, n=x.shape[-1],
                      dtype=x.dtype, weak_first=weak_first)
     return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
