@@ -84,7 +84,7 @@ def _bwd(bits, group_size, backend, weak_first, res, dy):
     n = x_aval.shape[-1]
     # dX = dY · Ŵ, Ŵ the full effective weight (dense grid, zero at weak positions, + weak columns).
     w = dense_weight(qweight, scales, zeros, weak, weak_idx, bits=bits, group_size=group_size, n=n,
-                         weak_first=weak_first)
+                     weak_first=weak_first)
     dx = jnp.einsum("...o,oi->...i", dy.astype(jnp.float32), w).astype(x_aval.dtype)
     d_weak = jnp.einsum("...o,...k->ok", dy.astype(jnp.float32), x_weak.astype(jnp.float32))
     return (dx, None, jnp.zeros_like(scales), jnp.zeros_like(zeros), d_weak.astype(weak.dtype), None,

@@ -540,7 +540,7 @@ def test_window_nll_and_perplexity_match_a_numpy_log_softmax(tiny):
         window_nll(model, ids[0], progress=False)
 
 
-def test_task_table_scores_in_parts_and_resumes_a_killed_run(tiny_char, tmp_path, monkeypatch, capsys):
+def test_task_table_scores_in_parts_and_resumes_a_killed_run(tiny_char, tmp_path, monkeypatch):
     """benchmarks/task_table.py saves every part of a task; a run killed after one part resumes
     from it, and the merged result is the one a single evaluate_tasks call gives."""
     import importlib.util
