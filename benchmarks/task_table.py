@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     if changed:
         raise ValueError(f"{out} holds unfinished parts of {', '.join(changed)} scored with "
                          f"{', '.join(record['models'][n] for n in changed)}; finish them with the same models")
-    record["models"] = models
+    record["models"] = {**record.get("models", {}), **models}  # a run of some models keeps the others' paths
     loaded: dict[str, tuple] = {}
     for t in tasks:  # task by task, so a partial run still compares every model on the tasks it did
         for name, path in models.items():

@@ -60,8 +60,10 @@ def search_group_params(w: jax.Array, *, bits: int, group_size: int, grid: int =
         s = jnp.maximum(s.astype(storage_dtype).astype(jnp.float32), jnp.finfo(storage_dtype).tiny)
         return s, z
 
-    def err(s, z):
-        return jnp.sum((fake_quantize(wg, s[..., None], z[..., None], maxq) - wg) ** 2, axis=-1)
+    ones = jnp.ones((wg.shape[-1],), jnp.float32)
+
+    def err(s, z):  # the sum over a group as a product with ones: XLA:CPU's row reduction ran 2x slower
+        return ((fake_quantize(wg, s[..., None], z[..., None], maxq) - wg) ** 2) @ ones
 
     s0, z0 = params(1.0)
     best = (err(s0, z0), s0, z0)
