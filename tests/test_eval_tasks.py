@@ -145,8 +145,9 @@ def test_left_truncation_to_max_length(tiny):
 
 
 def test_buckets_and_rows():
-    assert T.bucket_lengths(100) == [32, 64, 100]
-    assert T.bucket_lengths(2048)[-3:] == [512, 1024, 2048]
+    assert T.bucket_lengths(100) == [32, 48, 64, 96, 100]
+    assert T.bucket_lengths(2048)[-4:] == [768, 1024, 1536, 2048]
+    assert [T.bucket_length(n) for n in (1, 32, 33, 48, 49, 64, 65, 97, 385)] == [32, 32, 48, 48, 64, 64, 96, 128, 512]
     assert T.rows_for_bucket(8, 64) == 8 and T.rows_for_bucket(8, 1024) == 2
     assert T.rows_for_bucket(1, 4096) == 1
 
@@ -576,5 +577,10 @@ def test_task_table_scores_in_parts_and_resumes_a_killed_run(tiny_char, tmp_path
     assert res["n"] == 5 and res["outcomes"] == want["outcomes"]
     np.testing.assert_allclose(np.array(res["logprobs"]), np.array(want["logprobs"]), rtol=1e-5, atol=1e-5)
     assert (res["acc"], res["acc_norm"]) == pytest.approx((want["acc"], want["acc_norm"]))
+    # a later run of another model adds its results and keeps the first model's path
+    tt.main(["--models", f"m2={model_dir}"] + argv[2:])
+    got = json.loads(out.read_text())
+    assert got["models"] == {"m": str(model_dir), "m2": str(model_dir)}
+    assert got["results"]["m2"]["arc_easy"]["outcomes"] == want["outcomes"]
     with pytest.raises(SystemExit):
         tt.main(argv[:-4] + ["--part-size", "0", "--out", str(out)])
