@@ -12,8 +12,8 @@ after every row ("complete": false until the last), so a run cut short still lea
 
 The full run (no --quick): 4- and 3-bit rows, k = 16 and 32 for QEFT, 128 calibration sequences of
 FULL_CALIB_LEN tokens, FULL_EVAL_WINDOWS evaluation windows; sized for 30 minutes on 2 CPU cores
-(31 min on one machine before the faster grid search / OPTQ / Gram, 49 min since on a much slower
-one: the README compares them on one machine). Its cost is the
+(28.6 min on a machine whose 2 cores run a float32 matmul at 277 GFLOP/s, 49 min on one at 113-133:
+the README has both). Its cost is the
 calibrated quantizations' block passes (each block's fp pass with the Hessians, then its quantized
 pass: ~23 MFLOP per calibration token per block, run at the matmul peak), AWQ's 21 attention passes
 per block, and the 13 evaluations (0.27 GFLOP per token): at 128 x 512 calibration tokens and 120
