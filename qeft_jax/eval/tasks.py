@@ -290,16 +290,6 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 3 * p // 4 if 3 * p // 4 >= n else p)
 
 
-def bucket_lengths(max_length: int) -> list[int]:
-    """Every padding length `bucket_length` gives below max_length, then max_length itself."""
-    out, n = [], MIN_BUCKET
-    while n < max_length:
-        out.append(n)
-        n = bucket_length(n + 1)
-    out.append(max_length)
-    return out
-
-
 def rows_for_bucket(batch_size: int, length: int) -> int:
     """Rows per batch: batch_size up to 256 tokens, then a budget of batch_size * 256 tokens, so
     long buckets do not blow up the [rows, length, vocab] logits."""
@@ -387,7 +377,6 @@ def score_tokens(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Sequ
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     max_len = _max_length(model, max_length)
-    buckets = bucket_lengths(max_len)
     vocab = int(model.config.vocab_size)
     for i, (ctx, cont) in enumerate(requests):
         if not len(ctx):
@@ -399,7 +388,7 @@ def score_tokens(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Sequ
     windows = [w for w in (cfg.window(layer) for layer in range(cfg.num_hidden_layers)) if w is not None]
     prepared: dict[tuple[int, int], list[_Row]] = defaultdict(list)
     for row in _rows(requests, max_len, min(windows, default=None)):
-        prepared[next(b for b in buckets if b >= len(row.ids)), bucket_length(len(row.src))].append(row)
+        prepared[min(bucket_length(len(row.ids)), max_len), bucket_length(len(row.src))].append(row)
     logp_sum = np.zeros(len(requests), np.float64)
     greedy_all = np.ones(len(requests), bool)
     graphdef, state = nnx.split(model)
