@@ -411,6 +411,9 @@ def test_global_weak_index_hand_example():
         global_weak_index(sens, 7)
     with pytest.raises(ValueError):
         global_weak_index([], 1)
+    for broken in (np.zeros(6), np.where(np.arange(6) == 3, np.inf, s2), np.where(np.arange(6) == 3, np.nan, s2)):
+        with pytest.raises(ValueError, match="voter 1's sensitivities are not finite and positive"):
+            global_weak_index([s1, broken, s3], 2)
 
 
 def test_top_k_ties_and_range():

@@ -31,8 +31,12 @@ def global_weak_index(sensitivities: Sequence[np.ndarray], k: int) -> np.ndarray
         raise ValueError("global_weak_index needs at least one layer's sensitivity")
     d = len(sensitivities[0])
     s_global = np.zeros(d, np.float64)
-    for s in sensitivities:
+    for i, s in enumerate(sensitivities):
         s = np.asarray(s, np.float64)
+        if not (np.all(np.isfinite(s)) and s.mean() > 0):
+            raise ValueError(f"weak-channel selection: voter {i}'s sensitivities are not finite and positive "
+                             f"(mean {s.mean():.3g}): its calibration activations vanished or became NaN/Inf "
+                             "(broken weights or calibration data)")
         ids = top_k(s, k)
         s_global[ids] += s[ids] / s.mean()
     return top_k(s_global, k)
