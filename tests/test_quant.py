@@ -412,7 +412,7 @@ def test_global_weak_index_hand_example():
     with pytest.raises(ValueError):
         global_weak_index([], 1)
     for broken in (np.zeros(6), np.where(np.arange(6) == 3, np.inf, s2), np.where(np.arange(6) == 3, np.nan, s2)):
-        with pytest.raises(ValueError, match="voter 1's sensitivities are not finite and positive"):
+        with pytest.raises(ValueError, match="voter 1's sensitivities must be finite with a positive mean"):
             global_weak_index([s1, broken, s3], 2)
 
 

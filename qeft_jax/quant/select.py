@@ -34,7 +34,7 @@ def global_weak_index(sensitivities: Sequence[np.ndarray], k: int) -> np.ndarray
     for i, s in enumerate(sensitivities):
         s = np.asarray(s, np.float64)
         if not (np.all(np.isfinite(s)) and s.mean() > 0):
-            raise ValueError(f"weak-channel selection: voter {i}'s sensitivities are not finite and positive "
+            raise ValueError(f"weak-channel selection: voter {i}'s sensitivities must be finite with a positive mean "
                              f"(mean {s.mean():.3g}): its calibration activations vanished or became NaN/Inf "
                              "(broken weights or calibration data)")
         ids = top_k(s, k)
