@@ -146,6 +146,7 @@ def test_left_truncation_to_max_length(tiny):
 
 def test_buckets_and_rows():
     assert [T.bucket_length(n) for n in (700, 1025, 1537)] == [768, 1536, 2048]
+    assert [T.padded_length(n, 100) for n in (1, 33, 90, 97, 100)] == [32, 48, 96, 100, 100]
     assert [T.bucket_length(n) for n in (1, 32, 33, 48, 49, 64, 65, 97, 385)] == [32, 32, 48, 48, 64, 64, 96, 128, 512]
     assert T.rows_for_bucket(8, 64) == 8 and T.rows_for_bucket(8, 1024) == 2
     assert T.rows_for_bucket(1, 4096) == 1

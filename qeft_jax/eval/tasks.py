@@ -290,6 +290,11 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 3 * p // 4 if 3 * p // 4 >= n else p)
 
 
+def padded_length(n: int, max_length: int) -> int:
+    """A row of n <= max_length tokens is padded to its bucket, never past max_length."""
+    return min(bucket_length(n), max_length)
+
+
 def rows_for_bucket(batch_size: int, length: int) -> int:
     """Rows per batch: batch_size up to 256 tokens, then a budget of batch_size * 256 tokens, so
     long buckets do not blow up the [rows, length, vocab] logits."""
@@ -388,7 +393,7 @@ def score_tokens(model: nnx.Module, requests: Sequence[tuple[Sequence[int], Sequ
     windows = [w for w in (cfg.window(layer) for layer in range(cfg.num_hidden_layers)) if w is not None]
     prepared: dict[tuple[int, int], list[_Row]] = defaultdict(list)
     for row in _rows(requests, max_len, min(windows, default=None)):
-        prepared[min(bucket_length(len(row.ids)), max_len), bucket_length(len(row.src))].append(row)
+        prepared[padded_length(len(row.ids), max_len), bucket_length(len(row.src))].append(row)
     logp_sum = np.zeros(len(requests), np.float64)
     greedy_all = np.ones(len(requests), bool)
     graphdef, state = nnx.split(model)

@@ -33,12 +33,13 @@ def global_weak_index(sensitivities: Sequence[np.ndarray], k: int) -> np.ndarray
     s_global = np.zeros(d, np.float64)
     for i, s in enumerate(sensitivities):
         s = np.asarray(s, np.float64)
-        if not (np.all(np.isfinite(s)) and s.mean() > 0):
+        mean = s.mean()
+        if not (np.all(np.isfinite(s)) and mean > 0):
             raise ValueError(f"weak-channel selection: voter {i}'s sensitivities must be finite with a positive mean "
-                             f"(mean {s.mean():.3g}): its calibration activations vanished or became NaN/Inf "
+                             f"(mean {mean:.3g}): its calibration activations vanished or became NaN/Inf "
                              "(broken weights or calibration data)")
         ids = top_k(s, k)
-        s_global[ids] += s[ids] / s.mean()
+        s_global[ids] += s[ids] / mean
     return top_k(s_global, k)
 
 
