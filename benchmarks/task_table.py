@@ -7,8 +7,10 @@ Every model scores the same questions (the first --limit of each task; for mmlu,
 as `qeft_jax.eval.tasks.evaluate_tasks` scores them. Each (model, task) is scored in parts of
 --part-size questions and --out is rewritten after every part (a task's finished parts under
 "partial" until its last), so a killed run resumes where it stopped, losing at most one part; the
-file records the settings, the models and every question's outcome. (A question's scores do not
-depend on the part it was scored in, up to float rounding.)
+file records the settings, the models, each model's checkpoint (the sha256 of its tensors) and every
+question's outcome. (A question's scores do not depend on the part it was scored in, up to float
+rounding.) A model whose checkpoint changed since its results were saved (re-made under the same
+path) is an error, so one name never mixes the results of two checkpoints.
 
 Prints a markdown table of acc / acc_norm in points, each model's difference to the first with its
 paired standard error (the models answer the same questions, so the difference's error is
@@ -39,6 +41,17 @@ def parse_models(spec: str) -> dict[str, str]:
     if not models:
         raise ValueError("--models is empty")
     return models
+
+
+def checkpoint_id(path: str) -> str:
+    """What a model name stands for: "default", or the sha256 of its checkpoint's tensor file (a
+    quantized checkpoint records it when written; an fp one is hashed here)."""
+    if path == "default":
+        return path
+    from qeft_jax.checkpoint import TENSORS_FILE, read_info, sha256_file
+
+    info = read_info(path)
+    return info.meta.get("sha256") or sha256_file(info.path / TENSORS_FILE)
 
 
 def paired_diff(a: list[int], b: list[int]) -> tuple[float, float]:
@@ -101,6 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     if changed:
         raise ValueError(f"{out} holds unfinished parts of {', '.join(changed)} scored with "
                          f"{', '.join(record['models'][n] for n in changed)}; finish them with the same models")
+    ids = {n: checkpoint_id(p) for n, p in models.items()}
+    recorded = record.get("checkpoints", {})
+    remade = [n for n, i in ids.items() if recorded.get(n, i) != i]
+    if remade:
+        raise ValueError(f"{out} holds results of {', '.join(remade)} from another checkpoint (the sha256 of "
+                         f"its tensors changed: re-made?); score it under a new name or into another --out")
+    record["checkpoints"] = {**recorded, **ids}
     record["models"] = {**record.get("models", {}), **models}  # a run of some models keeps the others' paths
     loaded: dict[str, tuple] = {}
     for t in tasks:  # task by task, so a partial run still compares every model on the tasks it did

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from qeft_jax import load_model, tokenization
 from qeft_jax.data import Question
@@ -584,3 +585,13 @@ def test_task_table_scores_in_parts_and_resumes_a_killed_run(tiny_char, tmp_path
     assert got["results"]["m2"]["arc_easy"]["outcomes"] == want["outcomes"]
     with pytest.raises(SystemExit):
         tt.main(argv[:-4] + ["--part-size", "0", "--out", str(out)])
+    # a checkpoint made again under the same path does not mix its results with the old one's
+    remade = tmp_path / "remade"
+    shutil.copytree(model_dir, remade)
+    tt.main(["--models", f"m3={remade}"] + argv[2:])
+    assert json.loads(out.read_text())["checkpoints"]["m3"] == json.loads(out.read_text())["checkpoints"]["m"]
+    tensors = load_file(remade / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_file(tensors, remade / "model.safetensors")
+    with pytest.raises(ValueError, match="results of m3 from another checkpoint"):
+        tt.main(["--models", f"m3={remade}"] + argv[2:])
