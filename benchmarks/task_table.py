@@ -110,11 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads(out.read_text()) if out.is_file() else {"settings": settings, "results": {}, "seconds": {}}
     if record["settings"] != settings:
         raise ValueError(f"{out} holds results for {record['settings']}, not {settings}; use another --out")
-    changed = [n for n in record.get("partial", {}) if n in models and record["models"][n] != models[n]]
-    if changed:
-        raise ValueError(f"{out} holds unfinished parts of {', '.join(changed)} scored with "
-                         f"{', '.join(record['models'][n] for n in changed)}; finish them with the same models")
-    ids = {n: checkpoint_id(p) for n, p in models.items()}
+    ids = {n: checkpoint_id(p) for n, p in models.items()}  # finished results and unfinished parts alike
     recorded = record.get("checkpoints", {})
     remade = [n for n, i in ids.items() if recorded.get(n, i) != i]
     if remade:

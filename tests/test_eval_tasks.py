@@ -595,3 +595,11 @@ def test_task_table_scores_in_parts_and_resumes_a_killed_run(tiny_char, tmp_path
     save_file(tensors, remade / "model.safetensors")
     with pytest.raises(ValueError, match="results of m3 from another checkpoint"):
         tt.main(["--models", f"m3={remade}"] + argv[2:])
+    # ... and neither do a killed run's saved parts
+    monkeypatch.setattr(T, "score_questions", killed_after_one_part)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        tt.main(["--models", f"m4={model_dir}"] + argv[2:])
+    monkeypatch.setattr(T, "score_questions", score)
+    with pytest.raises(ValueError, match="results of m4 from another checkpoint"):
+        tt.main(["--models", f"m4={remade}"] + argv[2:])
