@@ -589,7 +589,8 @@ def test_task_table_scores_in_parts_and_resumes_a_killed_run(tiny_char, tmp_path
     remade = tmp_path / "remade"
     shutil.copytree(model_dir, remade)
     tt.main(["--models", f"m3={remade}"] + argv[2:])
-    assert json.loads(out.read_text())["checkpoints"]["m3"] == json.loads(out.read_text())["checkpoints"]["m"]
+    ids = json.loads(out.read_text())["checkpoints"]
+    assert ids["m3"] == ids["m"]
     tensors = load_file(remade / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
     save_file(tensors, remade / "model.safetensors")
